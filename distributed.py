@@ -1,0 +1,56 @@
+"""One code path for 1 and N processes: every helper is the identity without a process group.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `init_distributed` reads them (NCCL on CUDA, gloo on CPU).
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def is_main():
+    return rank() == 0
+
+
+def init_distributed(device_type):
+    """Start the process group if torchrun launched us; returns the device to use."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return torch.device("cuda" if device_type == "cuda" else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def all_gather(x):
+    """(N, ...) on each rank -> (world * N, ...), rank-major. No gradient flows (keys only)."""
+    if not is_dist():
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def all_reduce_mean(x):
+    """Mean of `x` over ranks, in place and returned."""
+    if is_dist():
+        dist.all_reduce(x)
+        x.div_(world_size())
+    return x

@@ -1,0 +1,359 @@
+"""Networks: ResNet taps, FCN and FPN decoders, SlotCon / DenseCL auxiliary layers, and the DeCon module.
+
+Parameter names follow the libraries users export to: torchvision for the ResNet (`conv1`, `layer1.0.conv1`),
+mmseg's FCNHead for the FCN (`convs.0.conv`, `convs.0.bn`), Detectron2's FPN (`fpn_lateral2`, `fpn_output2.norm`).
+
+Every variant is one code path: a list of supervised levels ("c5" for the encoder; "fcn" or "p2".."p5" for the
+decoder), one framework head per level in each branch, and Eq. 1-3 to combine the per-level losses.
+"""
+import copy
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from distributed import all_gather, all_reduce_mean
+from losses import decon_loss, deep_supervision_loss, densecl_loss, slotcon_loss
+
+ARCH_CHANNELS = {  # output channels of c2..c5
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+}
+
+
+# ---------------------------------------------------------------- encoder
+
+class Backbone(nn.Module):
+    """torchvision ResNet (weights=None, never downloaded) whose forward returns (c2, c3, c4, c5).
+
+    Strides 4, 8, 16, 32 (c5 at stride 16 with `dilate_c5`, the output-stride-16 backbone of mmseg's FCN).
+    Zero-gamma on the last BN of each residual block, as SlotCon's ResNet does. No `fc`, no pooling.
+    """
+
+    def __init__(self, arch="resnet50", dilate_c5=False):
+        super().__init__()
+        if arch not in ARCH_CHANNELS:
+            raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCH_CHANNELS)}")
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True,
+                                                replace_stride_with_dilation=[False, False, dilate_c5])
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.channels = ARCH_CHANNELS[arch]
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)   # (B,  256, H/4,  W/4) for ResNet-50
+        c3 = self.layer2(c2)  # (B,  512, H/8,  W/8)
+        c4 = self.layer3(c3)  # (B, 1024, H/16, W/16)
+        c5 = self.layer4(c4)  # (B, 2048, H/32, W/32)
+        return c2, c3, c4, c5
+
+
+# ---------------------------------------------------------------- decoders
+
+class ConvModule(nn.Module):
+    """conv (no bias) -> BN -> ReLU, named like mmcv's ConvModule (`conv`, `bn`)."""
+
+    def __init__(self, cin, cout, kernel_size=3, dilation=1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation,
+                              bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.activate = nn.ReLU(inplace=True)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.activate(self.bn(self.conv(x)))
+
+
+class FCNDecoder(nn.Module):
+    """mmseg FCNHead body (num_convs=2, concat_input=False, no classifier): two 3x3 convs, 256 ch, dilation 6.
+
+    Runs on c5 only and returns {"fcn": (B, 256, h5, w5)}. 5.31M parameters on ResNet-50.
+    """
+
+    def __init__(self, in_channels, channels=256, dilation=6):
+        super().__init__()
+        self.convs = nn.Sequential(ConvModule(in_channels, channels, 3, dilation),
+                                   ConvModule(channels, channels, 3, dilation))
+
+    def forward(self, feats):
+        return {"fcn": self.convs(feats[-1])}
+
+
+class ConvNorm(nn.Conv2d):
+    """Detectron2's Conv2d(norm=BN): a bias-free conv whose BatchNorm is the submodule `norm`."""
+
+    def __init__(self, cin, cout, kernel_size, padding=0):
+        super().__init__(cin, cout, kernel_size, padding=padding, bias=False)
+        self.norm = nn.BatchNorm2d(cout)
+        nn.init.kaiming_uniform_(self.weight, a=1)  # Detectron2's c2_xavier_fill
+
+    def forward(self, x):
+        return self.norm(super().forward(x))
+
+
+class FPNDecoder(nn.Module):
+    """Detectron2 FPN without top block: lateral 1x1 conv+BN to 256 for c2..c5, top-down nearest x2 and sum,
+    3x3 conv+BN outputs. Returns {"p2": (B,256,H/4,W/4), ..., "p5": (B,256,H/32,W/32)}, or only p2 when
+    `deep_supervision` is off (DeCon-SL keeps only `fpn_output2`, like the authors' code).
+
+    Skip channel dropout (DeCon-ML): Dropout2d(p) on the skip paths of levels 2, 3, 4, never on c5 (the main
+    path). As in the authors' code it drops channels of the lateral-conv outputs, just before the sum with the
+    top-down path: the paper's "encoder outputs passed to the decoder" is the same skip path, taken after the
+    1x1 projection that makes it 256 wide. The teacher copy has it removed (see DeCon.__init__).
+    """
+
+    def __init__(self, in_channels=(256, 512, 1024, 2048), out_channels=256, deep_supervision=True, dropout=0.0):
+        super().__init__()
+        self.levels = (2, 3, 4, 5) if deep_supervision else (2,)
+        for s, cin in zip((2, 3, 4, 5), in_channels):
+            setattr(self, f"fpn_lateral{s}", ConvNorm(cin, out_channels, 1))
+        for s in self.levels:
+            setattr(self, f"fpn_output{s}", ConvNorm(out_channels, out_channels, 3, padding=1))
+        self.skip_dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, feats):
+        prev = self.fpn_lateral5(feats[3])
+        out = {"p5": self.fpn_output5(prev)} if 5 in self.levels else {}
+        for s in (4, 3, 2):  # top-down
+            skip = self.skip_dropout(getattr(self, f"fpn_lateral{s}")(feats[s - 2]))
+            prev = skip + F.interpolate(prev, scale_factor=2.0, mode="nearest")
+            if s in self.levels:
+                out[f"p{s}"] = getattr(self, f"fpn_output{s}")(prev)
+        return out
+
+
+# ---------------------------------------------------------------- auxiliary layers
+
+class MLPHead(nn.Module):
+    """SlotCon's DINOHead (Linear) / DINOHead2d (1x1 conv): in -> hidden -> BN -> GELU -> hidden -> BN -> GELU
+    -> out. State-dict indices mlp.0, mlp.1, mlp.3, mlp.4, mlp.6 as in SlotCon."""
+
+    def __init__(self, in_dim, hidden_dim=4096, out_dim=256, spatial=True):
+        super().__init__()
+        layer = partial(nn.Conv2d, kernel_size=1) if spatial else nn.Linear
+        norm = nn.BatchNorm2d if spatial else nn.BatchNorm1d
+        self.mlp = nn.Sequential(layer(in_dim, hidden_dim), norm(hidden_dim), nn.GELU(),
+                                 layer(hidden_dim, hidden_dim), norm(hidden_dim), nn.GELU(),
+                                 layer(hidden_dim, out_dim))
+        for m in self.mlp:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+class SlotConHead(nn.Module):
+    """Projector + semantic grouping of one level: feature (B, C, h, w) -> slots (B, K, D), scores (B, K, h, w).
+
+    scores = cos(prototype_k, projection(b, :, i, j)); attention = softmax over K at temperature `temp`
+    (+eps); slot_k = attention-weighted mean of the (unnormalized) projections over positions.
+    """
+
+    def __init__(self, in_dim, hidden_dim, out_dim, num_prototypes, temp=0.07, eps=1e-6):
+        super().__init__()
+        self.projector = MLPHead(in_dim, hidden_dim, out_dim, spatial=True)
+        self.prototypes = nn.Embedding(num_prototypes, out_dim)  # N(0, 1) init, as SlotCon
+        self.temp, self.eps = temp, eps
+
+    def forward(self, feat):
+        x = self.projector(feat)                                                    # (B, D, h, w)
+        scores = torch.einsum("kd,bdhw->bkhw", F.normalize(self.prototypes.weight, dim=1), F.normalize(x, dim=1))
+        attn = F.softmax(scores / self.temp, dim=1) + self.eps                      # (B, K, h, w)
+        slots = torch.einsum("bdhw,bkhw->bkd", x, attn / attn.sum((2, 3), keepdim=True))
+        return slots, scores
+
+
+class DenseCLHead(nn.Module):
+    """DenseCL neck of one level (mmselfsup names `mlp`, `mlp2`): feature (N, C, h, w) ->
+    q (N, D) global projection, grid (N, D, S) dense projections, feat (N, C, S), pooled grid (N, D), all
+    L2-normalized along the channel axis; S = h * w."""
+
+    def __init__(self, in_dim, hidden_dim=2048, out_dim=128):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+        self.mlp2 = nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(hidden_dim, out_dim, 1))
+
+    def forward(self, feat):
+        q = F.normalize(self.mlp(feat.mean((2, 3))), dim=1)
+        grid = self.mlp2(feat).flatten(2)
+        return q, F.normalize(grid, dim=1), F.normalize(feat.flatten(2), dim=1), F.normalize(grid.mean(2), dim=1)
+
+
+class Branch(nn.Module):
+    """Encoder + optional decoder + one framework head per supervised level. Student and teacher are two."""
+
+    def __init__(self, encoder, decoder, heads):
+        super().__init__()
+        self.encoder, self.decoder, self.heads = encoder, decoder, nn.ModuleDict(heads)
+
+    def features(self, x):
+        """(B, 3, H, W) -> {"c5": ..., "fcn" | "p2".."p5": ...}"""
+        feats = self.encoder(x)
+        out = {"c5": feats[-1]}
+        if self.decoder is not None:
+            out.update(self.decoder(feats))
+        return out
+
+    def forward(self, x):
+        feats = self.features(x)
+        return {name: head(feats[name]) for name, head in self.heads.items()}
+
+
+def decoder_levels(decoder, deep_supervision):
+    return {"none": [], "fcn": ["fcn"], "fpn": ["p2", "p3", "p4", "p5"] if deep_supervision else ["p2"]}[decoder]
+
+
+# ---------------------------------------------------------------- DeCon
+
+class DeCon(nn.Module):
+    """Student and EMA teacher (encoder, decoder, heads), student-only predictors, and the per-level state
+    (SlotCon centers, DenseCL queues). forward(crops, coords, flags, momentum) -> (loss, logs).
+
+    Levels: "c5" (L_enc) when alpha > 0, plus the decoder levels (L_dec, or L_dds over p2..p5). A level with
+    weight 0 builds no heads, so alpha = 0 has no encoder projector, exactly as the authors' code.
+    """
+
+    def __init__(self, framework="slotcon", arch="resnet50", decoder="none", alpha=1.0, dropout=0.0,
+                 deep_supervision=False, dim_hidden=4096, dim_out=256, num_prototypes=256, num_prototypes_dec=None,
+                 queue_size=16384, group_weight=0.5, student_temp=0.1, teacher_temp=0.07, center_momentum=0.9,
+                 densecl_lambda=0.5, tau=0.2):
+        super().__init__()
+        if framework not in ("slotcon", "densecl"):
+            raise ValueError(f"unknown framework {framework!r}")
+        self.framework, self.alpha = framework, alpha
+        self.group_weight, self.student_temp, self.teacher_temp = group_weight, student_temp, teacher_temp
+        self.center_momentum, self.densecl_lambda, self.tau = center_momentum, densecl_lambda, tau
+        self.dec_levels = decoder_levels(decoder, deep_supervision)
+        self.levels = (["c5"] if alpha > 0 else []) + self.dec_levels
+
+        encoder = Backbone(arch)
+        c = encoder.channels
+        dec = {"none": None, "fcn": lambda: FCNDecoder(c[3]),
+               "fpn": lambda: FPNDecoder(c, 256, deep_supervision, dropout)}[decoder]
+        dec = dec() if dec is not None else None
+
+        def head(level):
+            in_dim = c[3] if level == "c5" else 256
+            if framework == "densecl":
+                return DenseCLHead(in_dim, dim_hidden, dim_out)
+            k = num_prototypes if level == "c5" else (num_prototypes_dec or num_prototypes)
+            return SlotConHead(in_dim, dim_hidden, dim_out, k, teacher_temp)
+
+        self.student = Branch(encoder, dec, {lvl: head(lvl) for lvl in self.levels})
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False)
+        if dec is not None and hasattr(self.teacher.decoder, "skip_dropout"):
+            self.teacher.decoder.skip_dropout = nn.Identity()  # skip dropout is a student-only regularizer
+
+        if framework == "slotcon":
+            self.predictors = nn.ModuleDict({lvl: MLPHead(dim_out, dim_hidden, dim_out, spatial=False)
+                                             for lvl in self.levels})
+            for lvl in self.levels:
+                k = self.student.heads[lvl].prototypes.num_embeddings
+                self.register_buffer(f"center_{lvl}", torch.zeros(1, k))
+        else:
+            for lvl in self.levels:
+                self.register_buffer(f"queue_{lvl}", F.normalize(torch.randn(dim_out, queue_size), dim=0))
+                self.register_buffer(f"queue2_{lvl}", F.normalize(torch.randn(dim_out, queue_size), dim=0))
+                self.register_buffer(f"queue_ptr_{lvl}", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update_teacher(self, momentum):
+        """teacher <- momentum * teacher + (1 - momentum) * student, for every parameter of the branch
+        (encoder, decoder, projectors, prototypes). BN running statistics are the teacher's own."""
+        t, s = list(self.teacher.parameters()), list(self.student.parameters())
+        torch._foreach_lerp_(t, s, 1.0 - float(momentum))
+
+    @torch.no_grad()
+    def _update_center(self, level, teacher_scores):
+        """center <- m * center + (1 - m) * mean over ranks and positions of the raw teacher scores (B, K, h, w)."""
+        center = getattr(self, f"center_{level}")
+        batch = torch.cat([s.float().permute(0, 2, 3, 1).flatten(0, 2) for s in teacher_scores]).mean(0, keepdim=True)
+        center.mul_(self.center_momentum).add_(all_reduce_mean(batch), alpha=1 - self.center_momentum)
+
+    @torch.no_grad()
+    def _enqueue(self, level, keys, keys2):
+        """Write the gathered keys (N, D) into the ring-buffer queues (D, L) without a host sync."""
+        queue, queue2, ptr = (getattr(self, f"{n}_{level}") for n in ("queue", "queue2", "queue_ptr"))
+        keys, keys2 = all_gather(keys.float()), all_gather(keys2.float())
+        idx = (ptr + torch.arange(len(keys), device=ptr.device)) % queue.shape[1]
+        queue[:, idx] = keys.T
+        queue2[:, idx] = keys2.T
+        ptr.copy_((ptr + len(keys)) % queue.shape[1])
+
+    def forward(self, crops, coords, flags, momentum):
+        """crops: two (B, 3, H, W) views; coords: (2, B, 4) overlap boxes; flags: (2, B) flips;
+        momentum: the teacher EMA momentum for this step (applied before the teacher runs, as SlotCon).
+        Returns (loss, logs) with detached per-level losses in logs."""
+        self.update_teacher(momentum)
+        views = (0, 1) if self.framework == "slotcon" else (0,)  # DenseCL: view 1 -> student, view 2 -> teacher
+        student = [self.student(crops[v]) for v in views]  # per view, per level, as the authors (BN statistics)
+        with torch.no_grad():
+            teacher = [self.teacher(crops[v]) for v in ((0, 1) if self.framework == "slotcon" else (1,))]
+
+        losses = {}
+        for lvl in self.levels:
+            if self.framework == "slotcon":
+                s, t = [out[lvl] for out in student], [out[lvl] for out in teacher]
+                losses[lvl] = slotcon_loss(s, t, coords, flags, self.predictors[lvl], getattr(self, f"center_{lvl}"),
+                                           self.group_weight, self.student_temp, self.teacher_temp, self.tau)
+                self._update_center(lvl, [scores for _, scores in t])
+            else:
+                s, t = student[0][lvl], teacher[0][lvl]
+                losses[lvl] = densecl_loss(s[:3], t[:3], getattr(self, f"queue_{lvl}"), getattr(self, f"queue2_{lvl}"),
+                                           self.densecl_lambda, self.tau)
+                self._enqueue(lvl, t[0], t[3])
+
+        l_enc = losses.get("c5")
+        l_dec = deep_supervision_loss([losses[lvl] for lvl in self.dec_levels]) if self.dec_levels else None
+        loss = decon_loss(l_enc, l_dec, self.alpha)
+        logs = {"loss": loss, "loss_enc": l_enc, "loss_dec": l_dec, **{f"loss_{lvl}": losses[lvl] for lvl in losses}}
+        return loss, {k: v.detach() for k, v in logs.items() if v is not None}
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_table(model):
+    """The supplement's Table 3 columns, in parameters: encoder, decoder (one branch), encoder auxiliary layers
+    (both branches' heads + predictor), decoder auxiliary layers (the same, summed over decoder levels), full."""
+    aux = lambda lvls: sum(count_parameters(b.heads[lvl]) for b in (model.student, model.teacher) for lvl in lvls) \
+        + (sum(count_parameters(model.predictors[lvl]) for lvl in lvls) if hasattr(model, "predictors") else 0)
+    return {
+        "enc": count_parameters(model.student.encoder),
+        "dec": count_parameters(model.student.decoder) if model.student.decoder is not None else 0,
+        "enc_aux": aux([lvl for lvl in model.levels if lvl == "c5"]),
+        "dec_aux": aux(model.dec_levels),
+        "full": count_parameters(model),
+    }
+
+
+def load_pretrained(path, branch=None):
+    """Read a pretrain.py checkpoint (weights_only). Returns (encoder state dict, decoder state dict or None,
+    info) with torchvision / mmseg / Detectron2 names and no prefixes. `branch` defaults to what the authors
+    export: the teacher (EMA) for SlotCon, the student for DenseCL."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__})") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("args"), dict)
+            and "framework" in ckpt["args"]):
+        raise ValueError(f"{path}: not a DeCon pretrain.py checkpoint (expected a dict with 'model' and 'args')")
+    args = ckpt["args"]
+    branch = branch or ("teacher" if args["framework"] == "slotcon" else "student")
+    if branch not in ("teacher", "student"):
+        raise ValueError(f"branch must be 'teacher' or 'student', got {branch!r}")
+    part = lambda prefix: {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    encoder, decoder = part(f"{branch}.encoder."), part(f"{branch}.decoder.")
+    info = {k: args.get(k) for k in ("framework", "arch", "decoder", "deep_supervision", "alpha", "dropout")}
+    info.update(branch=branch, step=ckpt.get("step"))
+    return encoder, (decoder or None), info

@@ -1,0 +1,374 @@
+"""DeCon pre-training: every variant of the paper from one script, on CPU, one GPU, or N GPUs under torchrun.
+
+    python pretrain.py --framework slotcon --decoder fpn --alpha 0 --dropout 0.5            # built-in scenes
+    torchrun --nproc_per_node 8 pretrain.py --framework slotcon --decoder fpn --alpha 0 --dropout 0.5 --data coco/train2017
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import distributed as du
+from data import DenseCLTwoView, ImageFolder, SlotConTwoView, SyntheticScenes, list_images
+from models import DeCon
+
+# The two frameworks' own recipes (paper Sec. 3.3; SlotCon COCO script; DenseCL COCO config). A flag left
+# unset takes its framework's value.
+FRAMEWORK_DEFAULTS = {
+    "slotcon": dict(batch_size=512, optimizer="lars", base_lr=1.0, weight_decay=1e-5, warmup_epochs=5,
+                    final_lr=1e-6, teacher_momentum=0.99, momentum_schedule="cosine", dim_hidden=4096, dim_out=256),
+    "densecl": dict(batch_size=256, optimizer="sgd", base_lr=0.3, weight_decay=1e-4, warmup_epochs=0,
+                    final_lr=0.0, teacher_momentum=0.999, momentum_schedule="constant", dim_hidden=2048, dim_out=128),
+}
+# flags that define the model's shapes: a --resume checkpoint must agree on them
+MODEL_FLAGS = ("framework", "decoder", "alpha", "dropout", "deep_supervision", "arch", "num_prototypes",
+               "num_prototypes_dec", "dim_hidden", "dim_out", "queue_size")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("DeCon pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Decoder-aware contrastive pre-training (DeCon-SL / DeCon-ML) of SlotCon "
+                                            "or DenseCL. Defaults are the paper's; 'None' means the framework's value.")
+    a = p.add_argument
+    a("--framework", choices=["slotcon", "densecl"], default="slotcon", help="SSL framework to adapt")
+    a("--decoder", choices=["none", "fcn", "fpn"], default="none", help="decoder pre-trained with the encoder "
+      "(none = the encoder-only baseline)")
+    a("--alpha", type=float, default=None, help="encoder loss weight in Eq. 1: alpha*L_enc + (1-alpha)*L_dec "
+      "(0.5 with a decoder; 1 without)")
+    a("--dropout", type=float, default=0.0, help="channel dropout on the FPN skip connections (DeCon-ML: 0.5)")
+    a("--deep-supervision", action=argparse.BooleanOptionalAction, default=None,
+      help="a loss at every FPN level, L_dds = mean (Eq. 3); on by default for fpn, FPN only")
+    a("--arch", choices=["resnet18", "resnet34", "resnet50"], default="resnet50", help="encoder")
+    a("--data", default=None, help="folder of unlabeled images, searched recursively (default: built-in "
+      "synthetic scenes)")
+    a("--synthetic-images", type=int, default=2048, help="number of built-in scenes when --data is not given")
+    a("--image-size", type=int, default=224, help="crop size of each view")
+    a("--min-scale", type=float, default=None, help="smallest crop area fraction (SlotCon 0.08, DenseCL 0.2)")
+    a("--batch-size", type=int, default=None, help="global batch over all processes (SlotCon 512, DenseCL 256)")
+    a("--epochs", type=int, default=800, help="epochs; the schedules span all of them")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (schedules unchanged)")
+    a("--optimizer", choices=["lars", "sgd"], default=None, help="SlotCon: lars, DenseCL: sgd")
+    a("--base-lr", type=float, default=None, help="lr per 256 images: lr = base_lr * batch / 256 (SlotCon 1.0, "
+      "DenseCL 0.3)")
+    a("--weight-decay", type=float, default=None, help="SlotCon 1e-5, DenseCL 1e-4")
+    a("--warmup-epochs", type=float, default=None, help="linear warm-up from lr/100 (SlotCon 5, DenseCL 0)")
+    a("--num-prototypes", type=int, default=256, help="SlotCon prototypes of the encoder level")
+    a("--num-prototypes-dec", type=int, default=None, help="SlotCon prototypes of decoder levels (default: "
+      "--num-prototypes)")
+    a("--dim-hidden", type=int, default=None, help="hidden width of the projector / predictor (SlotCon 4096, "
+      "DenseCL 2048)")
+    a("--dim-out", type=int, default=None, help="output width of the projector (SlotCon 256, DenseCL 128)")
+    a("--queue-size", type=int, default=16384, help="DenseCL dictionary size per level")
+    a("--teacher-momentum", type=float, default=None, help="EMA momentum: SlotCon 0.99 cosine to 1, DenseCL 0.999 "
+      "constant")
+    a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (bf16 on CUDA, fp32 on CPU)")
+    a("--workers", type=int, default=None, help="data-loading processes per GPU (default min(8, cores))")
+    a("--output-dir", default="output", help="where last.pt and metrics.jsonl go")
+    a("--resume", default=None, help="a last.pt to continue from")
+    a("--save-every", type=int, default=0, help="also checkpoint every N steps (0: end of each epoch only)")
+    a("--log-every", type=int, default=10, help="write metrics.jsonl every N steps")
+    a("--seed", type=int, default=0)
+    a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    return p
+
+
+def finalize_args(args, parser):
+    """Fill framework defaults and reject impossible settings with one line, before any work."""
+    for k, v in FRAMEWORK_DEFAULTS[args.framework].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.min_scale is None:
+        args.min_scale = 0.08 if args.framework == "slotcon" else 0.2
+    has_dec = args.decoder != "none"
+    if args.alpha is None:
+        args.alpha = 0.5 if has_dec else 1.0
+    if not 0.0 <= args.alpha <= 1.0:
+        parser.error(f"--alpha {args.alpha}: the encoder loss weight must be in [0, 1]")
+    if has_dec and args.alpha == 1.0:
+        parser.error(f"--alpha 1 with --decoder {args.decoder}: the decoder loss would have weight 0; "
+                     "use --decoder none for the encoder-only baseline")
+    if not has_dec and args.alpha != 1.0:
+        parser.error(f"--alpha {args.alpha} with --decoder none: there is no decoder loss to weigh, so alpha "
+                     "is 1; add --decoder fcn or fpn")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout {args.dropout}: the channel dropout probability must be in [0, 1)")
+    if args.dropout > 0 and args.decoder != "fpn":
+        parser.error(f"--dropout {args.dropout} with --decoder {args.decoder}: channel dropout acts on skip "
+                     "connections, which only the FPN decoder has")
+    if args.deep_supervision is None:
+        args.deep_supervision = args.decoder == "fpn"
+    elif args.deep_supervision and args.decoder != "fpn":
+        parser.error(f"--deep-supervision with --decoder {args.decoder}: deep supervision needs the FPN's "
+                     "several levels")
+    if args.image_size < 32:
+        parser.error(f"--image-size {args.image_size}: the ResNet needs at least 32 px")
+    if args.decoder == "fpn" and args.image_size % 32:
+        parser.error(f"--image-size {args.image_size}: the FPN's top-down x2 upsampling needs a multiple of 32 "
+                     f"(e.g. {max(32, args.image_size // 32 * 32)})")
+    for name in ("epochs", "batch_size", "num_prototypes", "queue_size", "dim_hidden", "dim_out"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error("--max-steps must be at least 1")
+    if args.data is not None:
+        try:
+            list_images(args.data)
+        except FileNotFoundError as e:
+            parser.error(str(e))
+    if args.resume is not None and not os.path.isfile(args.resume):
+        parser.error(f"--resume {args.resume}: no such file")
+    if args.precision is None:
+        args.precision = "bf16" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else "fp32"
+    if args.workers is None:
+        args.workers = min(8, os.cpu_count() or 1)
+    return args
+
+
+# ---------------------------------------------------------------- schedules (arrays indexed by the global step)
+
+def lr_schedule(peak, final, total_steps, warmup_steps):
+    """Linear warm-up from peak/100 (lr_t = peak/100 * (99 t / warmup + 1)), then cosine from peak to `final`."""
+    warm = peak / 100 * (99 * np.arange(warmup_steps) / max(warmup_steps, 1) + 1)
+    t = np.arange(total_steps - warmup_steps)
+    cos = final + (peak - final) * (1 + np.cos(np.pi * t / max(len(t), 1))) / 2
+    return np.concatenate([warm, cos])
+
+
+def momentum_schedule(base, total_steps, kind="cosine"):
+    """Teacher EMA momentum per step: m(k) = 1 - (1 - base) * (cos(pi k / K) + 1) / 2 (0.99 -> 1), counted
+    once per step; or constant (DenseCL)."""
+    if kind == "constant":
+        return np.full(total_steps, base)
+    return 1 - (1 - base) * (np.cos(np.pi * np.arange(total_steps) / total_steps) + 1) / 2
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as SlotCon uses it: for a parameter with ndim > 1, d = g + wd * p, scaled by the trust ratio
+    eta * |p| / |d|; 1-D parameters (biases, BN) get neither weight decay nor scaling. Then heavy-ball momentum."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=g["weight_decay"])
+                    p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    trust = torch.where((p_norm > 0) & (d_norm > 0), g["eta"] * p_norm / d_norm, 1.0)
+                    d = d * trust
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(g["momentum"]).add_(d)
+                p.add_(state["mu"], alpha=-g["lr"])
+
+
+def build_optimizer(args, params):
+    if args.optimizer == "lars":
+        return LARS(params, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=args.weight_decay)
+
+
+def build_model(args):
+    return DeCon(args.framework, args.arch, args.decoder, args.alpha, args.dropout, args.deep_supervision,
+                 args.dim_hidden, args.dim_out, args.num_prototypes, args.num_prototypes_dec, args.queue_size)
+
+
+# ---------------------------------------------------------------- data
+
+class SeededAugment(torch.utils.data.Dataset):
+    """Makes the random augmentation of sample i in epoch e a function of (seed, e, i) alone, whatever the
+    number of workers or processes: the sampler yields e * n + i, and each draw runs under its own RNG state."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, idx = divmod(key, len(self.dataset))
+        s = (self.seed * 1_000_003 + epoch) * 10_000_019 + idx
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(s)
+            torch.manual_seed(s % 2 ** 63)
+            out = self.dataset[idx]
+        random.setstate(state)
+        return out
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Per-rank sampler over a seeded permutation per epoch, trimmed to whole global batches, that can start
+    mid-epoch (`start_batch`) so a resumed run sees exactly the batches the interrupted one would have."""
+
+    def __init__(self, n, batch_per_rank, seed):
+        self.n, self.batch, self.seed = n, batch_per_rank, seed
+        self.rank, self.world = du.rank(), du.world_size()
+        self.batches = n // (batch_per_rank * self.world)
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return (self.batches - self.start_batch) * self.batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)[: self.batches * self.batch * self.world]
+        mine = order.view(self.batches, self.world, self.batch)[self.start_batch:, self.rank].flatten()
+        return iter((mine + self.epoch * self.n).tolist())
+
+
+def build_dataset(args):
+    view = SlotConTwoView if args.framework == "slotcon" else DenseCLTwoView
+    transform = view(args.image_size, args.min_scale)
+    if args.data is None:
+        base = SyntheticScenes(args.synthetic_images, size=max(128, args.image_size), seed=args.seed,
+                               transform=transform)
+    else:
+        base = ImageFolder(args.data, transform)
+    return SeededAugment(base, args.seed)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, fsync, rename. A kill mid-save leaves the previous file intact."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_resume(ckpt_args, args):
+    diff = [f"--{k.replace('_', '-')} {ckpt_args.get(k)} (checkpoint) vs {getattr(args, k)} (now)"
+            for k in MODEL_FLAGS if ckpt_args.get(k) != getattr(args, k)]
+    if diff:
+        raise SystemExit(f"error: --resume {args.resume} is from another variant: " + "; ".join(diff))
+
+
+# ---------------------------------------------------------------- training
+
+def main(args):
+    device = du.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = du.world_size()
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
+    torch.manual_seed(args.seed + du.rank())
+    random.seed(args.seed + du.rank())
+    np.random.seed(args.seed + du.rank())
+
+    dataset = build_dataset(args)
+    batch = args.batch_size // world
+    if len(dataset) < args.batch_size:
+        raise SystemExit(f"error: {len(dataset)} images is fewer than one batch of {args.batch_size}; "
+                         "lower --batch-size")
+    sampler = EpochSampler(len(dataset), batch, args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         persistent_workers=False)
+    iters = sampler.batches
+    total = args.epochs * iters
+    last_step = min(total, args.max_steps or total)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    if not os.access(args.output_dir, os.W_OK):
+        raise SystemExit(f"error: --output-dir {args.output_dir} is not writable")
+
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = build_model(args).to(device)
+    if device.type == "cuda" and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(args, params)
+    lrs = lr_schedule(args.base_lr * args.batch_size / 256, args.final_lr, total, int(args.warmup_epochs * iters))
+    moms = momentum_schedule(args.teacher_momentum, total, args.momentum_schedule)
+
+    step = 0
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+        check_resume(ckpt["args"], args)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        if du.is_main():
+            print(f"resumed from {args.resume} at step {step}", flush=True)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) \
+        if world > 1 else model
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def checkpoint(epoch):
+        if du.is_main():
+            save_checkpoint(os.path.join(args.output_dir, "last.pt"),
+                            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                             "step": step, "args": vars(args)})
+
+    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if du.is_main() else None
+    bar = tqdm(total=last_step, initial=step, disable=not du.is_main(), dynamic_ncols=True, desc="pretrain")
+    model.train()
+    t_log, step_log = time.perf_counter(), step
+    while step < last_step:
+        epoch, start_batch = divmod(step, iters)
+        sampler.set_epoch(epoch, start_batch)
+        for views, coords, flags in loader:
+            views = views.to(device, non_blocking=True)
+            crops = [views[:, v].contiguous(memory_format=torch.channels_last) for v in (0, 1)]
+            coords, flags = coords.to(device).transpose(0, 1), flags.to(device).T
+            for g in optimizer.param_groups:
+                g["lr"] = lrs[step]
+            with ctx:
+                loss, logs = ddp(crops, coords, flags, moms[step])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            if step % args.log_every == 0 or step == last_step:
+                logs = {k: v.item() for k, v in logs.items()}  # the only host sync of the loop
+                if not math.isfinite(logs["loss"]):
+                    raise SystemExit(f"error: non-finite loss {logs['loss']} at step {step}")
+                now = time.perf_counter()
+                ips = (step - step_log) * args.batch_size / (now - t_log)
+                t_log, step_log = now, step
+                rec = {"step": step, "epoch": epoch, **logs, "lr": float(lrs[step - 1]),
+                       "momentum": float(moms[step - 1]), "img_per_s": ips}
+                rec.setdefault("loss_enc", None)
+                rec.setdefault("loss_dec", None)
+                if metrics:
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{ips:.1f}")
+            if args.save_every and step % args.save_every == 0:
+                checkpoint(epoch)
+            if step >= last_step:
+                break
+        checkpoint(epoch + 1 if step % iters == 0 else epoch)
+    bar.close()
+    if du.is_main():
+        print(f"done: {step} steps, checkpoint {os.path.join(args.output_dir, 'last.pt')}", flush=True)
+    if du.is_dist():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    main(finalize_args(parser.parse_args(), parser))

@@ -334,7 +334,7 @@ def main(args):
             crops = [views[:, v].contiguous(memory_format=torch.channels_last) for v in (0, 1)]
             coords, flags = coords.to(device).transpose(0, 1), flags.to(device).T
             for g in optimizer.param_groups:
-                g["lr"] = lrs[step]
+                g["lr"] = float(lrs[step])
             with ctx:
                 loss, logs = ddp(crops, coords, flags, moms[step])
             optimizer.zero_grad(set_to_none=True)

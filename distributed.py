@@ -48,6 +48,14 @@ def all_gather(x):
 
 
 @torch.no_grad()
+def all_reduce_sum(x):
+    """Sum of `x` over ranks, in place and returned."""
+    if is_dist():
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
 def all_reduce_mean(x):
     """Mean of `x` over ranks, in place and returned."""
     if is_dist():

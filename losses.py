@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from distributed import all_gather, rank
+from distributed import all_gather, all_reduce_sum, rank, world_size
 
 
 # ---------------------------------------------------------------- DeCon (Eq. 1-3)
@@ -83,20 +83,25 @@ def slot_contrastive_loss(q_slots, k_slots, q_scores, k_scores, predictor, tau=0
     un-aligned scores that say which prototypes are present in each image. predictor: any callable on (M, D).
     A query is slot (b, k) when prototype k is present in both views of image b; the keys are all teacher
     slots present in their view, gathered over ranks; the positive is the key of the same (b, k).
-    Returns CE(logits / tau, positive) * 2 * tau, the scaling SlotCon uses.
+    Returns CE(logits / tau, positive) * 2 * tau, the scaling SlotCon uses. The CE is the mean over the queries
+    of all ranks (each rank returns its sum / global count * world, so DDP's gradient average is that mean);
+    SlotCon averages per rank, which differs only when ranks hold different numbers of queries.
     """
     B, K, D = q_slots.shape
     mask_q, mask_k = _present_prototypes(q_scores), _present_prototypes(k_scores)
     mask_k_all = all_gather(mask_k).flatten()                          # (world * B * K,)
     k_all = all_gather(F.normalize(k_slots.float().flatten(0, 1), dim=1))  # (world * B * K, D)
-    idx_q = (mask_q & mask_k).flatten().nonzero().squeeze(1)
+    valid_q = (mask_q & mask_k).flatten()
+    n_total = all_reduce_sum(valid_q.sum().float())                   # queries over all ranks
+    idx_q = valid_q.nonzero().squeeze(1)
     q = q_slots.flatten(0, 1)
     if idx_q.numel() < 2:  # rare at real sizes; BatchNorm1d in the predictor needs two rows. Keep the graph.
         return predictor(q).sum() * 0.0
     idx_k = mask_k_all.nonzero().squeeze(1)
     logits = F.normalize(predictor(q[idx_q]).float(), dim=1) @ k_all[idx_k].T / tau
     labels = mask_k_all.long().cumsum(0)[idx_q + B * K * rank()] - 1  # position of key (b, k) among valid keys
-    return F.cross_entropy(logits, labels) * 2 * tau
+    ce = F.cross_entropy(logits, labels, reduction="sum") / n_total * world_size()
+    return ce * 2 * tau
 
 
 def slotcon_loss(student, teacher, coords, flags, predictor, center, group_weight=0.5,

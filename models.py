@@ -6,6 +6,7 @@ mmseg's FCNHead for the FCN (`convs.0.conv`, `convs.0.bn`), Detectron2's FPN (`f
 Every variant is one code path: a list of supervised levels ("c5" for the encoder; "fcn" or "p2".."p5" for the
 decoder), one framework head per level in each branch, and Eq. 1-3 to combine the per-level losses.
 """
+import contextlib
 import copy
 from functools import partial
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils.checkpoint import checkpoint
 
 from distributed import all_gather, all_reduce_mean
 from losses import decon_loss, deep_supervision_loss, densecl_loss, slotcon_loss
@@ -187,12 +189,42 @@ class DenseCLHead(nn.Module):
         return q, F.normalize(grid, dim=1), F.normalize(feat.flatten(2), dim=1), F.normalize(grid.mean(2), dim=1)
 
 
+@contextlib.contextmanager
+def kept_bn_stats(module):
+    """On exit, put back the BatchNorm running statistics and counters of `module` as they were on entry.
+    Wraps a checkpointed head's recompute in backward, which would otherwise apply the running-stat update a
+    second time with the same batch. (Switching tracking off instead changes what batch_norm saves for
+    backward, which checkpoint rejects.)"""
+    saved = [(b, b.clone()) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for b in m.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        for b, value in saved:
+            b.copy_(value)
+
+
+def split_batch(out, n):
+    """Split every tensor of a nested dict / tuple / list along dim 0 into n equal parts -> list of n structures."""
+    if isinstance(out, dict):
+        parts = {k: split_batch(v, n) for k, v in out.items()}
+        return [{k: p[i] for k, p in parts.items()} for i in range(n)]
+    if isinstance(out, (tuple, list)):
+        parts = [split_batch(v, n) for v in out]
+        return [type(out)(p[i] for p in parts) for i in range(n)]
+    return list(out.chunk(n))
+
+
 class Branch(nn.Module):
-    """Encoder + optional decoder + one framework head per supervised level. Student and teacher are two."""
+    """Encoder + optional decoder + one framework head per supervised level. Student and teacher are two.
+
+    Heads of the levels in `checkpoint_levels` are activation-checkpointed when grad is enabled: their hidden
+    activations (4096 channels at p2 and p3) are recomputed in backward instead of stored."""
 
     def __init__(self, encoder, decoder, heads):
         super().__init__()
         self.encoder, self.decoder, self.heads = encoder, decoder, nn.ModuleDict(heads)
+        self.checkpoint_levels = ()
 
     def features(self, x):
         """(B, 3, H, W) -> {"c5": ..., "fcn" | "p2".."p5": ...}"""
@@ -204,7 +236,14 @@ class Branch(nn.Module):
 
     def forward(self, x):
         feats = self.features(x)
-        return {name: head(feats[name]) for name, head in self.heads.items()}
+        out = {}
+        for name, head in self.heads.items():
+            if name in self.checkpoint_levels and torch.is_grad_enabled():
+                out[name] = checkpoint(head, feats[name], use_reentrant=False,
+                                       context_fn=lambda head=head: (contextlib.nullcontext(), kept_bn_stats(head)))
+            else:
+                out[name] = head(feats[name])
+        return out
 
 
 def decoder_levels(decoder, deep_supervision):
@@ -219,18 +258,24 @@ class DeCon(nn.Module):
 
     Levels: "c5" (L_enc) when alpha > 0, plus the decoder levels (L_dec, or L_dds over p2..p5). A level with
     weight 0 builds no heads, so alpha = 0 has no encoder projector, exactly as the authors' code.
+
+    Speed options, off by default: `checkpoint_heads` recomputes the student's decoder-level heads in backward
+    (same numbers, less memory, ~1/3 more head FLOPs); `batch_views` runs each branch once on both views as one
+    batch of 2B (SlotCon; DenseCL gives each branch one view, so it changes nothing there), which makes
+    BatchNorm statistics span both views instead of one.
     """
 
     def __init__(self, framework="slotcon", arch="resnet50", decoder="none", alpha=1.0, dropout=0.0,
                  deep_supervision=False, dim_hidden=4096, dim_out=256, num_prototypes=256, num_prototypes_dec=None,
                  queue_size=16384, group_weight=0.5, student_temp=0.1, teacher_temp=0.07, center_momentum=0.9,
-                 densecl_lambda=0.5, tau=0.2):
+                 densecl_lambda=0.5, tau=0.2, checkpoint_heads=False, batch_views=False):
         super().__init__()
         if framework not in ("slotcon", "densecl"):
             raise ValueError(f"unknown framework {framework!r}")
         self.framework, self.alpha = framework, alpha
         self.group_weight, self.student_temp, self.teacher_temp = group_weight, student_temp, teacher_temp
         self.center_momentum, self.densecl_lambda, self.tau = center_momentum, densecl_lambda, tau
+        self.batch_views = batch_views
         self.dec_levels = decoder_levels(decoder, deep_supervision)
         self.levels = (["c5"] if alpha > 0 else []) + self.dec_levels
 
@@ -252,6 +297,8 @@ class DeCon(nn.Module):
         self.teacher.requires_grad_(False)
         if dec is not None and hasattr(self.teacher.decoder, "skip_dropout"):
             self.teacher.decoder.skip_dropout = nn.Identity()  # skip dropout is a student-only regularizer
+        if checkpoint_heads:
+            self.student.checkpoint_levels = tuple(self.dec_levels)
 
         if framework == "slotcon":
             self.predictors = nn.ModuleDict({lvl: MLPHead(dim_out, dim_hidden, dim_out, spatial=False)
@@ -289,15 +336,22 @@ class DeCon(nn.Module):
         queue2[:, idx] = keys2.T
         ptr.copy_((ptr + len(keys)) % queue.shape[1])
 
+    def _run(self, branch, crops, views):
+        """Outputs of `branch` per view: one call per view as the authors (BatchNorm statistics per view), or
+        with `batch_views` one call on the views concatenated (len(views) * B images), split back per view."""
+        if self.batch_views and len(views) > 1:
+            return split_batch(branch(torch.cat([crops[v] for v in views])), len(views))
+        return [branch(crops[v]) for v in views]
+
     def forward(self, crops, coords, flags, momentum):
         """crops: two (B, 3, H, W) views; coords: (2, B, 4) overlap boxes; flags: (2, B) flips;
         momentum: the teacher EMA momentum for this step (applied before the teacher runs, as SlotCon).
         Returns (loss, logs) with detached per-level losses in logs."""
         self.update_teacher(momentum)
         views = (0, 1) if self.framework == "slotcon" else (0,)  # DenseCL: view 1 -> student, view 2 -> teacher
-        student = [self.student(crops[v]) for v in views]  # per view, per level, as the authors (BN statistics)
+        student = self._run(self.student, crops, views)
         with torch.no_grad():
-            teacher = [self.teacher(crops[v]) for v in ((0, 1) if self.framework == "slotcon" else (1,))]
+            teacher = self._run(self.teacher, crops, (0, 1) if self.framework == "slotcon" else (1,))
 
         losses = {}
         for lvl in self.levels:
@@ -308,8 +362,8 @@ class DeCon(nn.Module):
                 self._update_center(lvl, [scores for _, scores in t])
             else:
                 s, t = student[0][lvl], teacher[0][lvl]
-                losses[lvl] = densecl_loss(s[:3], t[:3], getattr(self, f"queue_{lvl}"), getattr(self, f"queue2_{lvl}"),
-                                           self.densecl_lambda, self.tau)
+                queues = [getattr(self, f"{n}_{lvl}").clone() for n in ("queue", "queue2")]  # enqueued below, in place
+                losses[lvl] = densecl_loss(s[:3], t[:3], *queues, self.densecl_lambda, self.tau)
                 self._enqueue(lvl, t[0], t[3])
 
         l_enc = losses.get("c5")

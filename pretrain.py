@@ -17,7 +17,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import distributed as du
-from data import DenseCLTwoView, ImageFolder, SlotConTwoView, SyntheticScenes, list_images
+from data import DenseCLTwoView, ImageFolder, SlotConTwoView, SyntheticScenes, list_images, seed_worker
 from models import DeCon
 
 # The two frameworks' own recipes (paper Sec. 3.3; SlotCon COCO script; DenseCL COCO config). A flag left
@@ -75,6 +75,8 @@ def get_args_parser():
     a("--resume", default=None, help="a last.pt to continue from")
     a("--save-every", type=int, default=0, help="also checkpoint every N steps (0: end of each epoch only)")
     a("--log-every", type=int, default=10, help="write metrics.jsonl every N steps")
+    a("--max-bad-steps", type=int, default=3, help="stop after this many non-finite steps in a row (each is "
+      "skipped)")
     a("--seed", type=int, default=0)
     a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     return p
@@ -125,6 +127,13 @@ def finalize_args(args, parser):
             parser.error(str(e))
     if args.resume is not None and not os.path.isfile(args.resume):
         parser.error(f"--resume {args.resume}: no such file")
+    try:  # an unwritable --output-dir must fail now, not at the first checkpoint hours later
+        os.makedirs(args.output_dir, exist_ok=True)
+        probe = os.path.join(args.output_dir, f".write-test.{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        parser.error(f"--output-dir {args.output_dir} is not writable ({e.strerror})")
     if args.precision is None:
         args.precision = "bf16" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else "fp32"
     if args.workers is None:
@@ -247,50 +256,95 @@ def build_dataset(args):
 
 # ---------------------------------------------------------------- checkpoints
 
+def fail(message):
+    """Bad input or settings: one line on stderr, exit status 2 (as argparse), before any work."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def save_checkpoint(path, state):
     """Atomic: write a temporary file, fsync, rename. A kill mid-save leaves the previous file intact."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def check_resume(ckpt_args, args):
-    diff = [f"--{k.replace('_', '-')} {ckpt_args.get(k)} (checkpoint) vs {getattr(args, k)} (now)"
-            for k in MODEL_FLAGS if ckpt_args.get(k) != getattr(args, k)]
+def load_resume(args):
+    """Read --resume and refuse a checkpoint of another variant, naming the flags that differ."""
+    try:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"--resume {args.resume}: cannot be read as a checkpoint ({type(e).__name__})")
+    if not (isinstance(ckpt, dict) and {"model", "optimizer", "step", "args"} <= set(ckpt)):
+        fail(f"--resume {args.resume}: not a pretrain.py checkpoint (needs model, optimizer, step, args)")
+    diff = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (checkpoint) vs {getattr(args, k)} (now)"
+            for k in MODEL_FLAGS if ckpt["args"].get(k) != getattr(args, k)]
     if diff:
-        raise SystemExit(f"error: --resume {args.resume} is from another variant: " + "; ".join(diff))
+        fail(f"--resume {args.resume} is from another variant: " + "; ".join(diff))
+    for k in ("batch_size", "epochs", "seed", "image_size", "data", "base_lr", "optimizer"):
+        if ckpt["args"].get(k) != getattr(args, k) and du.is_main():
+            print(f"warning: --{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
+                  f"{ckpt['args'].get(k)}: the run will not continue the same trajectory", file=sys.stderr)
+    return ckpt
+
+
+def rng_state(device):
+    """Every rank's torch (and CUDA) RNG state, gathered so that rank r resumes with its own stream."""
+    cpu = du.all_gather(torch.get_rng_state().to(device)[None]).cpu()
+    cuda = du.all_gather(torch.cuda.get_rng_state().to(device)[None]).cpu() if device.type == "cuda" else None
+    return {"torch": cpu, "cuda": cuda, "python": random.getstate()}
+
+
+def set_rng_state(state, device):
+    if state["torch"].shape[0] != du.world_size():
+        print("warning: resuming with another number of processes: RNG streams restart", file=sys.stderr)
+        return
+    torch.set_rng_state(state["torch"][du.rank()])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"][du.rank()])
+    random.setstate(state["python"])
+
+
+class StopFlag:
+    """SIGTERM (what SLURM sends before pre-emption) asks the loop to checkpoint and exit after this step."""
+
+    def __init__(self):
+        self.requested = False
+        import signal
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
 
 
 # ---------------------------------------------------------------- training
 
 def main(args):
     device = du.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    world = du.world_size()
+    world, rank = du.world_size(), du.rank()
     if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
-    torch.manual_seed(args.seed + du.rank())
-    random.seed(args.seed + du.rank())
-    np.random.seed(args.seed + du.rank())
+        fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    ckpt = load_resume(args) if args.resume else None
 
     dataset = build_dataset(args)
     batch = args.batch_size // world
     if len(dataset) < args.batch_size:
-        raise SystemExit(f"error: {len(dataset)} images is fewer than one batch of {args.batch_size}; "
-                         "lower --batch-size")
+        fail(f"{len(dataset)} images is fewer than one batch of {args.batch_size}; lower --batch-size")
     sampler = EpochSampler(len(dataset), batch, args.seed)
+    # the loader gets its own generator: creating an epoch's iterator must not consume the training RNG
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=False)
+                                         generator=torch.Generator(), worker_init_fn=seed_worker)
     iters = sampler.batches
     total = args.epochs * iters
     last_step = min(total, args.max_steps or total)
-
-    os.makedirs(args.output_dir, exist_ok=True)
-    if not os.access(args.output_dir, os.W_OK):
-        raise SystemExit(f"error: --output-dir {args.output_dir} is not writable")
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args).to(device)
@@ -301,27 +355,35 @@ def main(args):
     optimizer = build_optimizer(args, params)
     lrs = lr_schedule(args.base_lr * args.batch_size / 256, args.final_lr, total, int(args.warmup_epochs * iters))
     moms = momentum_schedule(args.teacher_momentum, total, args.momentum_schedule)
+    torch.manual_seed(args.seed * 1000 + rank)  # the training RNG (dropout): one stream per rank
+    random.seed(args.seed * 1000 + rank)
 
-    step = 0
-    if args.resume:
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
-        check_resume(ckpt["args"], args)
+    step, skipped, bad_in_a_row, last_good = 0, 0, 0, None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+        step, skipped = ckpt["step"], ckpt.get("skipped", 0)
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"], device)
+        last_good = f"{args.resume} (step {step})"
         if du.is_main():
             print(f"resumed from {args.resume} at step {step}", flush=True)
+        del ckpt
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) \
         if world > 1 else model
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    last_pt = os.path.join(args.output_dir, "last.pt")
 
     def checkpoint(epoch):
+        nonlocal last_good
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+                 "skipped": skipped, "args": vars(args), "rng": rng_state(device)}
         if du.is_main():
-            save_checkpoint(os.path.join(args.output_dir, "last.pt"),
-                            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                             "step": step, "args": vars(args)})
+            save_checkpoint(last_pt, state)
+        last_good = f"{last_pt} (step {step})"
 
+    stop = StopFlag()
     metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if du.is_main() else None
     bar = tqdm(total=last_step, initial=step, disable=not du.is_main(), dynamic_ncols=True, desc="pretrain")
     model.train()
@@ -339,32 +401,53 @@ def main(args):
                 loss, logs = ddp(crops, coords, flags, moms[step])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            # NaN guard: one scalar sync per step. Gradients are identical on every rank after DDP's all-reduce,
+            # so all ranks take the same decision; a skipped step never touches the weights.
+            grads = [p.grad for p in params if p.grad is not None]
+            if bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())):
+                optimizer.step()
+                bad_in_a_row = 0
+            else:
+                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+                print(f"warning: non-finite loss or gradients at step {step + 1}: step skipped", file=sys.stderr)
+                if bad_in_a_row >= args.max_bad_steps:
+                    print(f"error: {bad_in_a_row} non-finite steps in a row (last at step {step + 1}); stopping. "
+                          f"Last good checkpoint: {last_good or 'none written yet'}", file=sys.stderr, flush=True)
+                    raise SystemExit(1)
             step += 1
             bar.update(1)
             if step % args.log_every == 0 or step == last_step:
-                logs = {k: v.item() for k, v in logs.items()}  # the only host sync of the loop
-                if not math.isfinite(logs["loss"]):
-                    raise SystemExit(f"error: non-finite loss {logs['loss']} at step {step}")
+                logs = {k: v.item() for k, v in logs.items()}  # the log step's host sync
                 now = time.perf_counter()
                 ips = (step - step_log) * args.batch_size / (now - t_log)
                 t_log, step_log = now, step
                 rec = {"step": step, "epoch": epoch, **logs, "lr": float(lrs[step - 1]),
-                       "momentum": float(moms[step - 1]), "img_per_s": ips}
+                       "momentum": float(moms[step - 1]), "img_per_s": ips, "skipped_steps": skipped}
                 rec.setdefault("loss_enc", None)
                 rec.setdefault("loss_dec", None)
                 if metrics:
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{ips:.1f}")
-            if args.save_every and step % args.save_every == 0:
+            # under DDP every rank must agree to stop: the flag is all-reduced at log steps only
+            stopping = stop.requested if world == 1 else (step % args.log_every == 0 and bool(
+                du.all_reduce_sum(torch.tensor(float(stop.requested), device=device)) > 0))
+            if stopping:
+                checkpoint(epoch + 1 if step % iters == 0 else epoch)
+                if du.is_main():
+                    print(f"SIGTERM: saved {last_pt} at step {step}; continue with --resume {last_pt}",
+                          file=sys.stderr, flush=True)
+                if du.is_dist():
+                    torch.distributed.destroy_process_group()
+                return
+            if args.save_every and step % args.save_every == 0 and step % iters:
                 checkpoint(epoch)
             if step >= last_step:
                 break
         checkpoint(epoch + 1 if step % iters == 0 else epoch)
     bar.close()
     if du.is_main():
-        print(f"done: {step} steps, checkpoint {os.path.join(args.output_dir, 'last.pt')}", flush=True)
+        print(f"done: {step} steps ({skipped} skipped), checkpoint {last_pt}", flush=True)
     if du.is_dist():
         torch.distributed.destroy_process_group()
 

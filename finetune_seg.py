@@ -1,0 +1,544 @@
+"""Fine-tune a ResNet + FCN or FPN for semantic segmentation, from random init, a pre-trained encoder, or a
+pre-trained encoder and decoder, on a fraction of the labels, and report mIoU over seeds (paper Sec. 3.4).
+
+    python finetune_seg.py                                                  # built-in scenes, random init
+    python finetune_seg.py --pretrained output/last.pt --transfer encoder+decoder \
+        --dataset voc --data-root data/VOCdevkit/VOC2012
+    torchrun --nproc_per_node 4 finetune_seg.py --pretrained output/last.pt --dataset refuge \
+        --data-root data/REFUGE --fraction 0.05 --seeds 0 1 2
+
+Training is mmseg 0.30's, which the paper used: SGD (lr 0.01, momentum 0.9, weight decay 5e-4: mmseg's schedule
+default), poly decay (power 0.9, floor 1e-4) per iteration, random scale 0.5-2 / crop / flip, pixel cross-entropy
+with ignore index 255. The network, datasets, metric and inference live in eval.py.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shlex
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import distributed as du
+from data import seed_worker
+from eval import (DATASETS, IGNORE_INDEX, TEST_IS_VAL, EvalTransform, Segmenter, Transformed, as_percent,
+                  build_dataset, check_dataset, eval_geometry, evaluate, score_table, to_tensor)
+from models import load_pretrained
+from pretrain import SeededAugment, save_checkpoint
+
+# The paper's schedule per dataset (Sec. 3.4) and the crops of the mmseg configs it follows (MoCo/SlotCon's
+# fcn_d6_r50-d16 513x513 VOC and 769x769 Cityscapes; 512x512 for the medical sets). A flag left unset takes these.
+DATASET_DEFAULTS = {
+    "synthetic": dict(iters=300, crop_size=128, select="last", eval_every=100),
+    "voc": dict(iters=30000, crop_size=513, select="last", eval_every=0),
+    "cityscapes": dict(iters=90000, crop_size=769, select="last", eval_every=0),
+    "isic2017": dict(iters=24000, crop_size=512, select="best", eval_every=500),  # best on val, reported on test
+    "refuge": dict(iters=80000, crop_size=512, select="last", eval_every=0),      # last checkpoint on test
+    "folder": dict(iters=20000, crop_size=512, select="last", eval_every=0),
+}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("DeCon segmentation fine-tuning",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Fine-tune ResNet + FCN/FPN for semantic segmentation and report test "
+                                            "mIoU averaged over seeds. 'None' means the dataset's value.")
+    a = p.add_argument
+    a("--dataset", choices=sorted(DATASETS), default="synthetic", help="see README_finetune.md for each layout")
+    a("--data-root", default=None, help="dataset folder (all but synthetic)")
+    a("--num-classes", type=int, default=None, help="classes of --dataset folder (mask ids 0..K-1, 255 = ignore)")
+    a("--synthetic-size", type=int, default=128, help="side of the built-in scenes")
+    a("--synthetic-train", type=int, default=256, help="built-in training scenes")
+    a("--synthetic-val", type=int, default=32, help="built-in validation scenes")
+    a("--synthetic-test", type=int, default=64, help="built-in test scenes")
+    a("--decoder", choices=["fcn", "fpn"], default="fcn", help="segmentation head (the paper: fcn)")
+    a("--arch", choices=["resnet18", "resnet34", "resnet50"], default=None,
+      help="encoder (default: the pre-trained checkpoint's, else resnet50)")
+    a("--pretrained", nargs="+", default=None, metavar="PATH",
+      help="a pretrain.py last.pt, or files exported by convert.py (mmseg backbone / decode_head / neck / full, "
+           "torchvision); several files are merged (e.g. a backbone and a decode_head file). None: random init")
+    a("--transfer", choices=["encoder", "encoder+decoder"], default="encoder", help="what to initialize from "
+      "--pretrained; a decoder of another kind than --decoder is not transferred")
+    a("--branch", choices=["teacher", "student"], default=None, help="branch of a last.pt (default: teacher for "
+      "SlotCon, student for DenseCL, as the authors export)")
+    a("--fraction", type=float, default=1.0, help="fraction of the training images, a fixed subset per seed "
+      "(paper: 0.05, 0.25, 1)")
+    a("--seed", type=int, default=0, help="seed of the subset, the initialization and the augmentations")
+    a("--seeds", type=int, nargs="+", default=None, help="one fine-tune per seed; report mean and std "
+      "(overrides --seed; the paper averages 3)")
+    a("--iters", type=int, default=None, help="iterations (VOC 30k, Cityscapes 90k, ISIC 24k, REFUGE 80k)")
+    a("--batch-size", type=int, default=16, help="global batch over all processes")
+    a("--lr", type=float, default=0.01, help="initial learning rate")
+    a("--min-lr", type=float, default=1e-4, help="floor of the poly decay (mmseg's)")
+    a("--power", type=float, default=0.9, help="poly decay power")
+    a("--momentum", type=float, default=0.9, help="SGD momentum")
+    a("--weight-decay", type=float, default=5e-4, help="SGD weight decay on all parameters (mmseg's schedule "
+      "default; MoCo/SlotCon's VOC and Cityscapes configs use 1e-4)")
+    a("--crop-size", type=int, default=None, help="training crop side; also the slide-inference window")
+    a("--base-size", type=int, default=None, help="short side images are resized to before the random scaling "
+      "and at test time (0: native size; default: the dataset's)")
+    a("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"), help="random rescaling")
+    a("--eval-every", type=int, default=None, help="evaluate on val every N iterations (0: never)")
+    a("--select", choices=["last", "best"], default=None, help="checkpoint reported on test: the last, or the best "
+      "on val (ISIC: best; REFUGE, VOC, Cityscapes: last)")
+    a("--mode", choices=["whole", "slide"], default=None, help="test-time inference (Cityscapes: slide)")
+    a("--stride", type=int, default=None, help="slide-inference stride (default: the dataset's, or 2/3 crop)")
+    a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (bf16 on CUDA, fp32 on CPU)")
+    a("--workers", type=int, default=None, help="data-loading processes per GPU (0 = in-process; default "
+      "min(8, cores))")
+    a("--output-dir", default="output/seg", help="results.json, log.jsonl and seedN.pt go here")
+    a("--log-every", type=int, default=20, help="write the training loss to log.jsonl every N iterations")
+    a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    return p
+
+
+def finalize_args(args, parser):
+    """Fill the dataset's defaults and reject impossible settings with one line, before any work."""
+    for k, v in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.dataset != "synthetic":
+        if args.data_root is None:
+            parser.error(f"--data-root is required for --dataset {args.dataset}")
+        if not os.path.isdir(args.data_root):
+            parser.error(f"--data-root {args.data_root}: no such folder")
+    if args.dataset == "folder":
+        if args.num_classes is None or not 2 <= args.num_classes <= 255:
+            parser.error(f"--dataset folder needs --num-classes between 2 and 255 (255 is the ignore index), "
+                         f"got {args.num_classes}")
+    elif args.num_classes is not None:
+        parser.error(f"--num-classes is for --dataset folder; {args.dataset} has a fixed class list")
+    else:
+        args.num_classes = len(DATASETS[args.dataset]["classes"])
+    if not 0.0 < args.fraction <= 1.0:
+        parser.error(f"--fraction {args.fraction}: must be in (0, 1]")
+    args.seeds = args.seeds or [args.seed]
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: repeated seed")
+    for name in ("iters", "batch_size", "log_every", "synthetic_size", "synthetic_train", "synthetic_val",
+                 "synthetic_test"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.crop_size < 32:
+        parser.error(f"--crop-size {args.crop_size}: the ResNet needs at least 32 px")
+    if args.eval_every < 0:
+        parser.error("--eval-every must be 0 (never) or positive")
+    if args.select == "best" and args.eval_every == 0:
+        parser.error("--select best needs --eval-every N > 0 to evaluate on val")
+    if not 0 < args.scale_range[0] <= args.scale_range[1]:
+        parser.error(f"--scale-range {args.scale_range[0]} {args.scale_range[1]}: need 0 < MIN <= MAX")
+    if not 0 <= args.min_lr < args.lr:
+        parser.error(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr})")
+    for path in args.pretrained or []:
+        if not os.path.isfile(path):
+            parser.error(f"--pretrained {path}: no such file")
+    if args.transfer == "encoder+decoder" and not args.pretrained:
+        parser.error("--transfer encoder+decoder needs --pretrained")
+    if args.branch is not None and not args.pretrained:
+        parser.error("--branch needs --pretrained")
+    try:
+        args.mode, _, args.stride, args.base_size = eval_geometry(args.dataset, args.crop_size, args.mode,
+                                                                  args.stride, args.base_size)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.precision is None:
+        cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+        args.precision = "bf16" if cuda else "fp32"
+    if args.workers is None:
+        args.workers = min(8, os.cpu_count() or 1)
+    return args
+
+
+# ---------------------------------------------------------------- pre-trained weights
+
+ENCODER_KEY = re.compile(r"(conv1|bn1|layer[1-4])\.")
+MMSEG_NECK_KEY = re.compile(r"(lateral_convs|fpn_convs)\.([0-3])\.(conv|bn)\.(\w+)")
+
+
+def fpn_key(match):
+    """mmseg FPN neck key (convert.py's export) -> our Detectron2 name: lateral_convs.{s-2}.conv.weight ->
+    fpn_lateral{s}.weight, fpn_convs.{s-2}.bn.X -> fpn_output{s}.norm.X."""
+    module, index, layer, param = match.groups()
+    name = f"fpn_{'lateral' if module == 'lateral_convs' else 'output'}{int(index) + 2}"
+    return f"{name}.{param}" if layer == "conv" else f"{name}.norm.{param}"
+
+
+def split_state_dict(sd):
+    """{name: tensor} -> (encoder, fcn, fpn, ignored names). Strips `module.` and the mmseg prefixes `backbone.`,
+    `decode_head.`, `neck.`, then sorts by name: torchvision ResNet (`conv1`, `bn1`, `layer*`), FCN body (`convs.*`),
+    FPN (`fpn_lateral*`, `fpn_output*`, or mmseg's `lateral_convs` / `fpn_convs`). `fc.*`, `conv_seg.*` and the
+    like are ignored: no classifier is transferred."""
+    encoder, fcn, fpn, ignored = {}, {}, {}, []
+    for name, tensor in sd.items():
+        key = name[len("module."):] if name.startswith("module.") else name
+        key = re.sub(r"^(backbone|decode_head|neck)\.", "", key)
+        neck = MMSEG_NECK_KEY.fullmatch(key)
+        key = fpn_key(neck) if neck else key
+        if ENCODER_KEY.match(key):
+            encoder[key] = tensor
+        elif key.startswith("convs."):
+            fcn[key] = tensor
+        elif key.startswith(("fpn_lateral", "fpn_output")):
+            fpn[key] = tensor
+        else:
+            ignored.append(name)
+    return encoder, fcn, fpn, ignored
+
+
+def infer_arch(encoder):
+    """The torchvision ResNet a state dict belongs to, from its block names (None if it holds no encoder)."""
+    if "conv1.weight" not in encoder:
+        return None
+    if "layer1.0.conv3.weight" in encoder:
+        if "layer3.6.conv1.weight" in encoder:
+            raise ValueError("the encoder is deeper than ResNet-50, which is not supported")
+        return "resnet50"
+    return "resnet34" if "layer3.5.conv1.weight" in encoder else "resnet18"
+
+
+def read_weights(path, branch=None):
+    """One --pretrained file -> (encoder or None, decoder or None, decoder kind or None, arch, log line)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: peek without a full read
+    except Exception as e:
+        raise ValueError(f"--pretrained {path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}; "
+                         "Detectron2 .pkl files are not supported)") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and "framework" in ckpt["args"]:
+        encoder, decoder, info = load_pretrained(path, branch)
+        who = "the authors' choice for" if branch is None else "chosen by --branch, of"
+        kind = info["decoder"] if decoder else None
+        ds = f", deep supervision {'on' if info['deep_supervision'] else 'off'}" if kind == "fpn" else ""
+        note = (f"{path}: {info['branch']} branch ({who} {info['framework']}) of a {info['arch']} pre-training with "
+                f"decoder {info['decoder']}{ds}, step {info['step']}")
+        return encoder or None, decoder, kind, info["arch"], note
+    if branch is not None:
+        raise ValueError(f"--branch {branch}: {path} is not a pretrain.py checkpoint (converted files hold one "
+                         "branch already)")
+    sd = ckpt.get("state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"--pretrained {path}: neither a pretrain.py checkpoint nor a state dict of tensors")
+    encoder, fcn, fpn, ignored = split_state_dict(sd)
+    if fcn and fpn:
+        raise ValueError(f"--pretrained {path}: holds both FCN (convs.*) and FPN (fpn_*) weights")
+    if not (encoder or fcn or fpn):
+        raise ValueError(f"--pretrained {path}: no ResNet, FCN or FPN weights among its keys "
+                         f"(e.g. {', '.join(list(sd)[:3])})")
+    kind = "fcn" if fcn else "fpn" if fpn else None
+    parts = [f"{len(encoder)} encoder"] * bool(encoder) + [f"{len(fcn or fpn)} {kind} decoder"] * bool(kind)
+    note = f"{path}: converted weights, {' + '.join(parts)} tensors"
+    if ignored:
+        note += f"; ignored {len(ignored)} ({', '.join(ignored[:3])}{', ...' if len(ignored) > 3 else ''})"
+    return encoder or None, fcn or fpn or None, kind, infer_arch(encoder), note
+
+
+def read_pretrained(paths, branch=None):
+    """Every --pretrained file merged -> {"encoder", "decoder", "decoder_kind", "arch", "notes"}: a last.pt gives
+    both parts of one branch, converted files what they hold (a backbone file and a head file can be combined)."""
+    out = {"encoder": None, "decoder": None, "decoder_kind": None, "arch": None, "notes": []}
+    for path in paths:
+        encoder, decoder, kind, arch, note = read_weights(path, branch)
+        for part, value in (("encoder", encoder), ("decoder", decoder)):
+            if value is not None and out[part] is not None:
+                raise ValueError(f"--pretrained: two files hold {part} weights ({path} is the second)")
+            if value is not None:
+                out[part] = value
+        out["decoder_kind"] = out["decoder_kind"] or kind
+        out["arch"] = out["arch"] or arch
+        out["notes"].append(note)
+    if out["encoder"] is None:
+        raise ValueError(f"--pretrained {' '.join(paths)}: no encoder weights (add the backbone file)")
+    return out
+
+
+def load_into(module, state, what):
+    """load_state_dict(strict=False) that turns a shape mismatch into a one-line ValueError; returns the missing
+    keys (BatchNorm's num_batches_tracked aside) after checking that nothing unexpected came along."""
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{what}: tensor shapes do not fit ({str(e).splitlines()[-1].strip()})") from None
+    if unexpected:
+        raise ValueError(f"{what}: unexpected tensors {', '.join(unexpected[:3])}")
+    return [k for k in missing if not k.endswith("num_batches_tracked")]
+
+
+def transfer(model, pretrained, mode="encoder"):
+    """Copy pre-trained tensors into a Segmenter: the encoder always; with mode 'encoder+decoder' the decoder too,
+    when its kind is the model's (heterogeneous decoders, Table 5, transfer the encoder only). The classifier
+    (and the FPN merge) always start from scratch. Returns log lines saying what was loaded and what was not."""
+    missing = load_into(model.backbone, pretrained["encoder"], f"encoder weights for {model.arch}")
+    if missing:
+        raise ValueError(f"encoder weights for {model.arch}: missing {', '.join(missing[:3])}")
+    notes = [f"encoder: {len(pretrained['encoder'])} pre-trained tensors"]
+    kind = pretrained["decoder_kind"]
+    if mode == "encoder":
+        return notes + ["decoder: random init (--transfer encoder)"]
+    if kind != model.decoder:
+        return notes + [f"decoder: random init; heterogeneous decoders (pre-trained {kind}, fine-tuned "
+                        f"{model.decoder}) transfer the encoder only"]
+    missing = load_into(model.decode_head, pretrained["decoder"], f"{kind} decoder weights")
+    fresh = sorted({k.split(".")[0] for k in missing})  # module names: conv_seg, scale_heads, fpn_output3, ...
+    note = f"decoder: {len(pretrained['decoder'])} pre-trained tensors; random init: {', '.join(fresh)}"
+    if any(name.startswith("fpn_output") for name in fresh):
+        note += " (FPN pre-trained without deep supervision: only fpn_output2 exists)"
+    return notes + [note]
+
+
+# ---------------------------------------------------------------- data
+
+def fraction_indices(n, fraction, seed):
+    """Training subset for (fraction, seed): the first max(1, round(fraction * n)) of a seeded permutation of
+    range(n), sorted. A seed's subsets are nested (its 5% lies inside its 25%)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return sorted(perm[:max(1, round(fraction * n))].tolist())
+
+
+class TrainTransform:
+    """mmseg's training pipeline without photometric distortion: rescale (short side to `base_size`, None =
+    native, times a ratio ~ U(scale_range)), a random crop x crop window, horizontal flip with p = 0.5, then
+    padding bottom-right where the image is smaller than the crop (image with 0 = the mean colour after
+    normalization, mask with 255).
+    (PIL image, (H, W) ids) -> (3, crop, crop) float, (crop, crop) int64. Draws from python `random`."""
+
+    def __init__(self, crop_size, base_size=None, scale_range=(0.5, 2.0)):
+        self.crop, self.base_size, self.scale_range = crop_size, base_size, scale_range
+
+    def __call__(self, image, mask):
+        w, h = image.size
+        s = random.uniform(*self.scale_range) * (self.base_size / min(w, h) if self.base_size else 1.0)
+        w, h = max(1, round(w * s)), max(1, round(h * s))
+        image, mask = image.resize((w, h), Image.BILINEAR), Image.fromarray(mask).resize((w, h), Image.NEAREST)
+        left, top = random.randint(0, max(w - self.crop, 0)), random.randint(0, max(h - self.crop, 0))
+        box = (left, top, left + min(self.crop, w), top + min(self.crop, h))  # inside the image: PIL pads with 0
+        x = to_tensor(image.crop(box))
+        y = torch.from_numpy(np.asarray(mask.crop(box), dtype=np.int64))
+        if random.random() < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        pad = (0, self.crop - x.shape[2], 0, self.crop - x.shape[1])  # after the flip, as mmseg's Pad comes last
+        return F.pad(x, pad).contiguous(), F.pad(y, pad, value=IGNORE_INDEX).contiguous()
+
+
+class IterationSampler(torch.utils.data.Sampler):
+    """This rank's samples of `iters` global batches, drawn from seeded permutations of the n training images
+    concatenated as often as needed (a 5% subset may hold fewer images than a batch). Yields epoch * n + index,
+    the key SeededAugment turns into the sample's own RNG state, so the batches and their augmentations depend on
+    the seed alone, not on the number of processes or workers."""
+
+    def __init__(self, n, iters, batch_per_rank, seed):
+        self.n, self.iters, self.batch, self.seed = n, iters, batch_per_rank, seed
+        self.rank, self.world = du.rank(), du.world_size()
+
+    def __len__(self):
+        return self.iters * self.batch
+
+    def __iter__(self):
+        total = self.iters * self.batch * self.world
+        g = torch.Generator().manual_seed(self.seed)
+        epochs = -(-total // self.n)
+        stream = torch.cat([torch.randperm(self.n, generator=g) + e * self.n for e in range(epochs)])[:total]
+        return iter(stream.view(self.iters, self.world, self.batch)[:, self.rank].flatten().tolist())
+
+
+# ---------------------------------------------------------------- optimization
+
+def poly_schedule(base_lr, iters, power=0.9, min_lr=1e-4):
+    """Learning rate of iterations t = 0..iters-1, mmseg's poly policy:
+    lr_t = (base_lr - min_lr) * (1 - t / iters) ** power + min_lr."""
+    return (base_lr - min_lr) * (1 - np.arange(iters) / iters) ** power + min_lr
+
+
+def seg_loss(logits, target):
+    """Pixel cross-entropy as mmseg 0.30 computes it (avg_non_ignore=False): ignored pixels contribute 0 but count
+    in the mean. logits (B, K, H, W), target (B, H, W) int64 with 255 = ignore."""
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum") / target.numel()
+
+
+# ---------------------------------------------------------------- one fine-tune
+
+def build_model(args, pretrained, device):
+    """Segmenter initialized from `pretrained` (or randomly), on `device`; returns (model, log lines)."""
+    model = Segmenter(args.arch, args.decoder, args.num_classes)
+    notes = [f"model: {args.arch} + {args.decoder.upper()} head, {args.num_classes} classes, encoder output "
+             f"stride {model.output_stride}" + (" (torchvision's BasicBlock cannot dilate c5)"
+                                                if args.decoder == "fcn" and model.output_stride == 32 else "")]
+    notes += transfer(model, pretrained, args.transfer) if pretrained else ["random init (no --pretrained)"]
+    model = model.to(device)
+    if device.type == "cuda" and du.world_size() > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg's configs use SyncBN
+    return model.to(memory_format=torch.channels_last), notes
+
+
+def finetune(args, seed, datasets, pretrained, device, log):
+    """Train one model for `seed` and score the selected checkpoint on the test split.
+    datasets: {"train": untransformed train set, "val": eval set or None, "test": eval set}. Returns the record
+    that goes into results.json."""
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    random.seed(seed)
+    np.random.seed(seed)
+    model, notes = build_model(args, pretrained, device)
+    if du.is_main():
+        print("\n".join(f"[seed {seed}] {n}" for n in notes), flush=True)
+    world = du.world_size()
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    lrs = poly_schedule(args.lr, args.iters, args.power, args.min_lr)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    indices = fraction_indices(len(datasets["train"]), args.fraction, seed)
+    train = SeededAugment(Transformed(datasets["train"], TrainTransform(args.crop_size, args.base_size,
+                                                                        args.scale_range), indices), seed)
+    batch = args.batch_size // world
+    loader = torch.utils.data.DataLoader(train, batch_size=batch, num_workers=args.workers, drop_last=True,
+                                         sampler=IterationSampler(len(indices), args.iters, batch, seed),
+                                         worker_init_fn=seed_worker, pin_memory=device.type == "cuda")
+    geometry = (args.mode, args.crop_size, args.stride)
+    best = {"miou": -1.0, "iter": None, "state": None}
+    last_val = None
+    bar = tqdm(total=args.iters, disable=not du.is_main(), dynamic_ncols=True, desc=f"seed {seed}")
+    model.train()
+    for it, (images, masks) in enumerate(loader, 1):
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        masks = masks.to(device, non_blocking=True)
+        for g in optimizer.param_groups:
+            g["lr"] = float(lrs[it - 1])
+        with ctx:
+            logits = ddp(images)
+        loss = seg_loss(logits, masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.update(1)
+        if it % args.log_every == 0 or it == args.iters:
+            value = du.all_reduce_mean(loss.detach()).item()  # the only host sync of a training step
+            if not math.isfinite(value):
+                raise SystemExit(f"error: non-finite loss {value} at iteration {it} (seed {seed})")
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lrs[it - 1]:.2e}")
+            log({"seed": seed, "iter": it, "loss": value, "lr": float(lrs[it - 1])})
+        if args.eval_every and (it % args.eval_every == 0 or it == args.iters):
+            scores = evaluate(model, datasets["val"], *geometry, device, args.workers, ctx)
+            last_val = scores["miou"]
+            log({"seed": seed, "iter": it, "val_miou": as_percent(last_val)})
+            if du.is_main():
+                bar.write(f"[seed {seed}] iter {it}: val mIoU {100 * scores['miou']:.2f}")
+            if args.select == "best" and scores["miou"] > best["miou"]:
+                best = {"miou": scores["miou"], "iter": it,
+                        "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+    bar.close()
+
+    if args.select == "best":
+        model.load_state_dict(best["state"])
+    selected_iter = best["iter"] if args.select == "best" else args.iters
+    scores = evaluate(model, datasets["test"], *geometry, device, args.workers, ctx, desc=f"test (seed {seed})")
+    path = os.path.join(args.output_dir, f"seed{seed}.pt")
+    if du.is_main():
+        print(f"[seed {seed}] test, {args.select} checkpoint (iteration {selected_iter}):", flush=True)
+        print(score_table(scores, datasets["train"].classes), flush=True)
+        save_checkpoint(path, {"model": {k: v.contiguous() for k, v in model.state_dict().items()},
+                               "args": vars(args), "seed": seed, "iter": selected_iter, "select": args.select,
+                               "test_miou": as_percent(scores["miou"])})
+    return {"seed": seed, "miou": as_percent(scores["miou"]), "pixel_acc": as_percent(scores["pixel_acc"]),
+            "iou_per_class": dict(zip(datasets["train"].classes, as_percent(scores["iou"]))),
+            "val_miou": as_percent(best["miou"] if args.select == "best" else last_val), "iter": selected_iter,
+            "train_images": len(indices), "checkpoint": path, "transfer": notes}
+
+
+def summarize(records, classes):
+    """Per-seed records -> mean and std (population, ddof=0) of test mIoU over seeds, and the per-class mean."""
+    mious = np.array([r["miou"] for r in records], dtype=np.float64)
+    per_class = {}
+    for name in classes:
+        values = [r["iou_per_class"][name] for r in records if r["iou_per_class"][name] is not None]
+        per_class[name] = round(float(np.mean(values)), 4) if values else None
+    return {"miou_mean": round(float(mious.mean()), 4), "miou_std": round(float(mious.std()), 4),
+            "iou_per_class_mean": per_class}
+
+
+# ---------------------------------------------------------------- main
+
+def prepare(args):
+    """Everything that can fail on bad input, before training: the pre-trained weights, the --arch they imply,
+    every dataset split and every mask that will be read. Returns (pretrained or None, datasets)."""
+    pretrained = read_pretrained(args.pretrained, args.branch) if args.pretrained else None
+    if pretrained:
+        if args.arch and pretrained["arch"] and args.arch != pretrained["arch"]:
+            raise ValueError(f"--arch {args.arch}: --pretrained holds a {pretrained['arch']} encoder")
+        if args.transfer == "encoder+decoder" and pretrained["decoder"] is None:
+            raise ValueError(f"--transfer encoder+decoder: {' '.join(args.pretrained)} has no decoder weights; "
+                             "use --transfer encoder")
+    args.arch = args.arch or (pretrained or {}).get("arch") or "resnet50"
+
+    lengths = (args.synthetic_train, args.synthetic_val, args.synthetic_test)
+    splits = ["train", "test"] + ["val"] * bool(args.eval_every)
+    data = {s: build_dataset(args.dataset, s, args.data_root, args.num_classes, lengths, args.synthetic_size)
+            for s in splits}
+    used = sorted(set().union(*(fraction_indices(len(data["train"]), args.fraction, s) for s in args.seeds)))
+    t = time.perf_counter()
+    check_dataset(data["train"], used, threads=max(1, args.workers))
+    evaluated = ["test"] + ["val"] * ("val" in data and args.dataset not in TEST_IS_VAL)
+    for s in evaluated:
+        check_dataset(data[s], threads=max(1, args.workers))
+    if du.is_main() and args.dataset != "synthetic":
+        print(f"checked {len(used)} training and {sum(len(data[s]) for s in evaluated)} evaluation masks "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+    if args.select == "best" and args.dataset in TEST_IS_VAL and du.is_main():
+        print(f"note: {args.dataset} has no labelled test split, so test = val and --select best picks the "
+              "checkpoint on the images it is scored on", flush=True)
+    evaluation = EvalTransform(args.base_size)
+    return pretrained, {"train": data["train"], "test": Transformed(data["test"], evaluation),
+                        "val": Transformed(data["val"], evaluation) if "val" in data else None}
+
+
+def main(args):
+    device = du.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.batch_size % du.world_size():
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {du.world_size()} processes")
+    try:
+        pretrained, datasets = prepare(args)
+    except ValueError as e:  # eval.DataError included
+        raise SystemExit(f"error: {e}") from None
+    os.makedirs(args.output_dir, exist_ok=True)
+    if not os.access(args.output_dir, os.W_OK):
+        raise SystemExit(f"error: --output-dir {args.output_dir} is not writable")
+    command = shlex.join(["python"] + sys.argv) if du.world_size() == 1 else \
+        shlex.join(["torchrun", f"--nproc_per_node={du.world_size()}"] + sys.argv)
+    if du.is_main():
+        for note in (pretrained or {}).get("notes", []):
+            print(note, flush=True)
+    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if du.is_main() else None
+
+    def log(record):
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    records = [finetune(args, seed, datasets, pretrained, device, log) for seed in args.seeds]
+    classes = datasets["train"].classes
+    results = {"command": command, **summarize(records, classes), "units": "percent",
+               "dataset": args.dataset, "split": "test", "decoder": args.decoder, "arch": args.arch,
+               "pretrained": args.pretrained, "transfer": args.transfer, "fraction": args.fraction,
+               "select": args.select, "seeds": records, "classes": list(classes), "args": vars(args)}
+    if du.is_main():
+        log_file.close()
+        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        per_seed = ", ".join(f"{r['miou']:.2f}" for r in records)
+        print(f"test mIoU over seeds {args.seeds}: {results['miou_mean']:.2f} +- {results['miou_std']:.2f} "
+              f"({per_seed}); wrote {os.path.join(args.output_dir, 'results.json')}", flush=True)
+    if du.is_dist():
+        torch.distributed.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    main(finalize_args(parser.parse_args(), parser))

@@ -41,6 +41,8 @@ class Backbone(nn.Module):
             raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCH_CHANNELS)}")
         net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True,
                                                 replace_stride_with_dilation=[False, False, dilate_c5])
+        if dilate_c5:  # mmseg's ResNet (dilations 1,1,1,2) dilates every block of the stage; torchvision not the 1st
+            net.layer4[0].conv2.dilation, net.layer4[0].conv2.padding = (2, 2), (2, 2)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.channels = ARCH_CHANNELS[arch]
@@ -396,7 +398,7 @@ def load_pretrained(path, branch=None):
     info) with torchvision / mmseg / Detectron2 names and no prefixes. `branch` defaults to what the authors
     export: the teacher (EMA) for SlotCon, the student for DenseCL."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: skip the optimizer
     except Exception as e:
         raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__})") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("args"), dict)

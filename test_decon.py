@@ -1,24 +1,40 @@
 """DeCon tests: every loss recomputed a second way, schedules, LARS, Table 3 parameter counts, every variant's
-forward and training step, data decoding and augmentation geometry, CLI errors, and a 2-process torchrun run.
+forward and training step, data decoding and augmentation geometry, CLI errors, exact resume, SIGTERM, NaN guard,
+DDP equivalence and 2-process torchrun runs; then convert.py's exported names, and finetune_seg.py / eval.py.
 
     python -m pytest -q test_decon.py
 """
+import argparse
+import contextlib
+import hashlib
+import io
 import json
 import math
 import os
+import pickle
+import random
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 from PIL import Image
 
+import convert
 import data
+import finetune_seg as ft
 import losses
 import models
 import pretrain
+from eval import (IGNORE_INDEX, DataError, EvalTransform, Segmenter, Transformed, build_dataset, check_dataset,
+                  confusion_matrix, evaluate, predict, segmentation_scores, window_starts)
+from eval import get_args_parser as eval_parser, main as eval_main
+from models import DeCon
+from pretrain import build_model as build_decon
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -283,7 +299,6 @@ def test_export_names_follow_mmseg_and_detectron2():
     assert "fpn_output2.weight" in fpn_sl and "fpn_output3.weight" not in fpn_sl
     assert {f"fpn_output{s}.norm.running_mean" for s in (2, 3, 4, 5)} <= fpn_ml
     enc = set(tiny_model("slotcon").student.encoder.state_dict())
-    import torchvision
     assert enc == set(torchvision.models.resnet18().state_dict()) - {"fc.weight", "fc.bias"}
 
 
@@ -750,3 +765,953 @@ def test_every_torch_load_is_weights_only():
             assert "weights_only=False" not in src.replace('"weights_only=False"', ""), name
             for call in re.findall(r"torch\.load\([^)]*\)", src):
                 assert "weights_only=True" in call, (name, call)
+
+
+# ================================================================ Tests of convert.py (issue 4).
+
+BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+FROZEN_BN = ("weight", "bias", "running_mean", "running_var")  # Detectron2's FrozenBatchNorm2d buffers
+
+
+# ---------------------------------------------------------------- expected names, from the architectures
+
+def resnet_blocks(depth):
+    """(stage 1..4, block, convs [(index, cin, cout, kernel)], shortcut (cin, cout) or None), from the ResNet
+    paper's table: stage widths 64/128/256/512, bottlenecks expand x4, a projection shortcut wherever the
+    shape changes."""
+    counts, bottleneck = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True)}[depth]
+    cin = 64
+    for stage, n in enumerate(counts, start=1):
+        width = 64 * 2 ** (stage - 1)
+        cout = 4 * width if bottleneck else width
+        for b in range(n):
+            convs = ([(1, cin, width, 1), (2, width, width, 3), (3, width, cout, 1)] if bottleneck
+                     else [(1, cin, width, 3), (2, width, width, 3)])
+            shortcut = (cin, cout) if b == 0 and (cin != cout or stage > 1) else None
+            yield stage, b, convs, shortcut
+            cin = cout
+
+
+def stage_channels(depth):
+    out = {}
+    for stage, _, convs, _ in resnet_blocks(depth):
+        out[stage] = convs[-1][2]
+    return [out[s] for s in (1, 2, 3, 4)]
+
+
+def norm(prefix, c, stats=BN):
+    return {f"{prefix}.{s}": (() if s == "num_batches_tracked" else (c,)) for s in stats}
+
+
+def d2_resnet(depth, stats=BN):
+    """Detectron2 ResNet (build_resnet_backbone): stem.conv1 + res2..res5, Conv2d with a `norm` submodule."""
+    keys = {"stem.conv1.weight": (64, 3, 7, 7), **norm("stem.conv1.norm", 64, stats)}
+    for stage, b, convs, shortcut in resnet_blocks(depth):
+        block = f"res{stage + 1}.{b}"
+        for i, cin, cout, k in convs:
+            keys[f"{block}.conv{i}.weight"] = (cout, cin, k, k)
+            keys.update(norm(f"{block}.conv{i}.norm", cout, stats))
+        if shortcut:
+            keys[f"{block}.shortcut.weight"] = (shortcut[1], shortcut[0], 1, 1)
+            keys.update(norm(f"{block}.shortcut.norm", shortcut[1], stats))
+    return keys
+
+
+def d2_fpn(in_channels, out=256):
+    """Detectron2 FPN with MODEL.FPN.NORM BN/SyncBN: fpn_lateral{s} (1x1) and fpn_output{s} (3x3), no bias."""
+    keys = {}
+    for s, cin in zip((2, 3, 4, 5), in_channels):
+        keys[f"fpn_lateral{s}.weight"] = (out, cin, 1, 1)
+        keys.update(norm(f"fpn_lateral{s}.norm", out))
+        keys[f"fpn_output{s}.weight"] = (out, out, 3, 3)
+        keys.update(norm(f"fpn_output{s}.norm", out))
+    return keys
+
+
+def d2_mask_rcnn_fpn(depth):
+    """Mask R-CNN R-FPN as in SlotCon's COCO config: SyncBN everywhere, 4conv1fc box head, 4-conv mask head.
+    The heads contain `conv1.norm.weight`-like names, so a stem key without its `stem.` prefix is ambiguous."""
+    keys = {f"backbone.bottom_up.{k}": v for k, v in d2_resnet(depth).items()}
+    keys.update({f"backbone.{k}": v for k, v in d2_fpn(stage_channels(depth)).items()})
+    keys.update({"pixel_mean": (3, 1, 1), "pixel_std": (3, 1, 1),
+                 "proposal_generator.rpn_head.conv.weight": (256, 256, 3, 3),
+                 "proposal_generator.rpn_head.conv.bias": (256,),
+                 "proposal_generator.rpn_head.objectness_logits.weight": (3, 256, 1, 1),
+                 "proposal_generator.rpn_head.objectness_logits.bias": (3,),
+                 "proposal_generator.rpn_head.anchor_deltas.weight": (12, 256, 1, 1),
+                 "proposal_generator.rpn_head.anchor_deltas.bias": (12,),
+                 "roi_heads.box_head.fc1.weight": (1024, 256 * 7 * 7), "roi_heads.box_head.fc1.bias": (1024,),
+                 "roi_heads.box_predictor.cls_score.weight": (81, 1024),
+                 "roi_heads.box_predictor.cls_score.bias": (81,),
+                 "roi_heads.box_predictor.bbox_pred.weight": (320, 1024),
+                 "roi_heads.box_predictor.bbox_pred.bias": (320,),
+                 "roi_heads.mask_head.deconv.weight": (256, 256, 2, 2), "roi_heads.mask_head.deconv.bias": (256,),
+                 "roi_heads.mask_head.predictor.weight": (80, 256, 1, 1),
+                 "roi_heads.mask_head.predictor.bias": (80,)})
+    for i in (1, 2, 3, 4):
+        keys[f"roi_heads.box_head.conv{i}.weight"] = (256, 256, 3, 3)
+        keys.update(norm(f"roi_heads.box_head.conv{i}.norm", 256))
+        keys[f"roi_heads.mask_head.mask_fcn{i}.weight"] = (256, 256, 3, 3)
+        keys.update(norm(f"roi_heads.mask_head.mask_fcn{i}.norm", 256))
+    return keys
+
+
+def d2_faster_rcnn_c4(depth, stats=BN):
+    """Faster R-CNN R-C4 (the paper's VOC detection): stem..res4 in `backbone`, res5 in `roi_heads`."""
+    keys = {}
+    for k, v in d2_resnet(depth, stats).items():
+        keys[("roi_heads." if k.startswith("res5.") else "backbone.") + k] = v
+    c4, c5 = stage_channels(depth)[2:]
+    keys.update({"pixel_mean": (3, 1, 1), "pixel_std": (3, 1, 1),
+                 "proposal_generator.rpn_head.conv.weight": (c4, c4, 3, 3),
+                 "proposal_generator.rpn_head.conv.bias": (c4,),
+                 "proposal_generator.rpn_head.objectness_logits.weight": (15, c4, 1, 1),
+                 "proposal_generator.rpn_head.objectness_logits.bias": (15,),
+                 "proposal_generator.rpn_head.anchor_deltas.weight": (60, c4, 1, 1),
+                 "proposal_generator.rpn_head.anchor_deltas.bias": (60,),
+                 "roi_heads.box_predictor.cls_score.weight": (21, c5), "roi_heads.box_predictor.cls_score.bias": (21,),
+                 "roi_heads.box_predictor.bbox_pred.weight": (80, c5), "roi_heads.box_predictor.bbox_pred.bias": (80,)})
+    return keys
+
+
+def mm_resnet(depth):
+    """mmseg ResNet(style='pytorch') = torchvision names: conv1, bn1, layer{i}.{j}.conv{k}/bn{k}/downsample.{0,1}."""
+    keys = {"conv1.weight": (64, 3, 7, 7), **norm("bn1", 64)}
+    for stage, b, convs, shortcut in resnet_blocks(depth):
+        block = f"layer{stage}.{b}"
+        for i, cin, cout, k in convs:
+            keys[f"{block}.conv{i}.weight"] = (cout, cin, k, k)
+            keys.update(norm(f"{block}.bn{i}", cout))
+        if shortcut:
+            keys[f"{block}.downsample.0.weight"] = (shortcut[1], shortcut[0], 1, 1)
+            keys.update(norm(f"{block}.downsample.1", shortcut[1]))
+    return keys
+
+
+def mm_fcn_head(in_channels, channels=256, num_classes=19):
+    """mmseg FCNHead(num_convs=2, concat_input=False): convs.{i} ConvModules (conv + bn) and conv_seg."""
+    keys = {"conv_seg.weight": (num_classes, channels, 1, 1), "conv_seg.bias": (num_classes,)}
+    for i, cin in enumerate((in_channels, channels)):
+        keys[f"convs.{i}.conv.weight"] = (channels, cin, 3, 3)
+        keys.update(norm(f"convs.{i}.bn", channels))
+    return keys
+
+
+def mm_fpn_neck(in_channels, out=256):
+    """mmseg FPN neck with norm_cfg=BN: lateral_convs.{i} (1x1) and fpn_convs.{i} (3x3) ConvModules."""
+    keys = {}
+    for i, cin in enumerate(in_channels):
+        keys[f"lateral_convs.{i}.conv.weight"] = (out, cin, 1, 1)
+        keys.update(norm(f"lateral_convs.{i}.bn", out))
+        keys[f"fpn_convs.{i}.conv.weight"] = (out, out, 3, 3)
+        keys.update(norm(f"fpn_convs.{i}.bn", out))
+    return keys
+
+
+def prefixed(prefix, keys):
+    return {prefix + k: v for k, v in keys.items()}
+
+
+# ---------------------------------------------------------------- the loaders' rules
+
+def d2_align(model, ckpt):
+    """Detectron2's align_and_update_state_dicts (matching_heuristics): each model key takes the longest
+    checkpoint key b with key == b or key.endswith('.' + b); a shape mismatch skips the key; one checkpoint key
+    matching two model keys is an error. Returns ({model key: ckpt key}, [shape mismatches])."""
+    loaded, used, mismatched = {}, {}, []
+    for key in sorted(model):
+        cands = [b for b in ckpt if key == b or key.endswith("." + b)]
+        if not cands:
+            continue
+        b = max(cands, key=len)
+        if tuple(ckpt[b].shape) != tuple(model[key]):
+            mismatched.append((key, b))
+            continue
+        if b in used:
+            raise ValueError(f"Cannot match one checkpoint key to multiple keys: {b} -> {used[b]}, {key}")
+        used[b], loaded[key] = key, b
+    return loaded, mismatched
+
+
+def check_d2(ckpt, model, expected_model_keys):
+    """Every exported key lands on exactly one model key, and those are exactly `expected_model_keys`."""
+    loaded, mismatched = d2_align(model, ckpt)
+    assert mismatched == []
+    assert sorted(set(ckpt) - set(loaded.values())) == [], "exported keys that load nowhere"
+    assert sorted(set(expected_model_keys) - set(loaded)) == [], "model keys left uninitialized"
+    assert sorted(set(loaded) - set(expected_model_keys)) == []
+
+
+def check_mm(state_dict, expected):
+    """mmengine loads with strict=False: every key must be an expected name of the right shape, none missing."""
+    assert sorted(set(state_dict) - set(expected)) == [], "unexpected keys"
+    assert sorted(set(expected) - set(state_dict)) == [], "missing keys"
+    assert {k: tuple(v.shape) for k, v in state_dict.items()} == {k: tuple(v) for k, v in expected.items()}
+
+
+# ---------------------------------------------------------------- fixtures
+
+def write_checkpoint(path, framework="slotcon", arch="resnet18", decoder="fpn", deep_supervision=True):
+    """A real DeCon state dict with every tensor redrawn, so teacher, student and any two tensors differ."""
+    alpha = 1.0 if decoder == "none" else 0.0  # alpha 0 builds no encoder head: faster, same export
+    model = DeCon(framework, arch, decoder, alpha=alpha, deep_supervision=deep_supervision, dim_hidden=64,
+                  dim_out=32, num_prototypes=8, queue_size=64)
+    g = torch.Generator().manual_seed(0)
+    redraw = lambda v: (torch.randn(v.shape, generator=g) if v.is_floating_point()
+                        else torch.randint(1, 10 ** 6, v.shape, generator=g))  # BN counters too
+    sd = {k: redraw(v) for k, v in model.state_dict().items()}
+    args = dict(framework=framework, arch=arch, decoder=decoder, alpha=alpha, dropout=0.0,
+                deep_supervision=deep_supervision)
+    torch.save({"model": sd, "args": args, "step": 7, "epoch": 0, "optimizer": {}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    specs = {"r50_fpn": dict(arch="resnet50", decoder="fpn", deep_supervision=True),
+             "r18_fpn_sl": dict(decoder="fpn", deep_supervision=False),
+             "r18_fcn": dict(decoder="fcn", deep_supervision=False),
+             "r18_none": dict(decoder="none", deep_supervision=False),
+             "r18_densecl_fpn": dict(framework="densecl", decoder="fpn", deep_supervision=True)}
+    return {name: write_checkpoint(str(d / f"{name}.pt"), **spec) for name, spec in specs.items()}
+
+
+def run(*argv):
+    """convert.main in-process; returns its stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        convert.main([str(a) for a in argv])
+    return out.getvalue()
+
+
+def branch_tensors(path, prefix):
+    sd = torch.load(path, weights_only=True)["model"]
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def fingerprints(values):
+    """Sorted (shape, hash of the bytes): equal iff the same tensors, whatever their names."""
+    return sorted((tuple(np.shape(v)), hashlib.sha1(np.ascontiguousarray(np.asarray(v)).tobytes()).hexdigest())
+                  for v in values)
+
+
+def load_pkl(path):
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")  # how Detectron2 reads it
+
+
+# ---------------------------------------------------------------- detectron2
+
+def test_detectron2_r50_fpn_lands_on_mask_rcnn_fpn(ckpts, tmp_path):
+    out = tmp_path / "decon.pkl"
+    text = run("--checkpoint", ckpts["r50_fpn"], "--to", "detectron2", "--output", out)
+    data = load_pkl(out)
+    assert data["__author__"] == "DeCon" and data["matching_heuristics"] is True
+    ckpt = data["model"]
+    assert all(isinstance(v, np.ndarray) for v in ckpt.values())
+    model = d2_mask_rcnn_fpn(50)
+    check_d2(ckpt, model, [k for k in model if k.startswith(("backbone.bottom_up.", "backbone.fpn_"))])
+    # total size of the ResNet part agrees with torchvision's resnet50 without fc
+    tv = torchvision.models.resnet50(weights=None).state_dict()
+    assert sum(v.numel() for k, v in tv.items() if not k.startswith("fc.")) == \
+        sum(int(np.prod(v)) for k, v in model.items() if k.startswith("backbone.bottom_up."))
+
+    # values: SlotCon exports the teacher; one pair per rename rule, then all tensors as a multiset
+    enc = branch_tensors(ckpts["r50_fpn"], "teacher.encoder.")
+    dec = branch_tensors(ckpts["r50_fpn"], "teacher.decoder.")
+    pairs = {"stem.conv1.weight": enc["conv1.weight"], "stem.conv1.norm.running_var": enc["bn1.running_var"],
+             "res2.0.conv3.norm.weight": enc["layer1.0.bn3.weight"],
+             "res5.2.conv2.weight": enc["layer4.2.conv2.weight"],
+             "res3.0.shortcut.weight": enc["layer2.0.downsample.0.weight"],
+             "res4.0.shortcut.norm.bias": enc["layer3.0.downsample.1.bias"],
+             "res2.1.conv1.norm.num_batches_tracked": enc["layer1.1.bn1.num_batches_tracked"],
+             "fpn_output4.norm.running_mean": dec["fpn_output4.norm.running_mean"],
+             "fpn_lateral5.weight": dec["fpn_lateral5.weight"]}
+    for key, want in pairs.items():
+        np.testing.assert_array_equal(ckpt[key], want.numpy(), err_msg=key)
+    assert fingerprints(ckpt.values()) == fingerprints(v.numpy() for v in [*enc.values(), *dec.values()])
+
+    for line in ("MODEL.RESNETS.STRIDE_IN_1X1 False", "INPUT.FORMAT RGB", "MODEL.RESNETS.DEPTH 50",
+                 'MODEL.PIXEL_MEAN "[123.675, 116.28, 103.53]"', 'MODEL.PIXEL_STD "[58.395, 57.12, 57.375]"',
+                 "MODEL.FPN.NORM SyncBN", f"MODEL.WEIGHTS {out}"):
+        assert f"  {line}\n" in text
+    assert "RES2_OUT_CHANNELS" not in text
+
+
+def test_detectron2_encoder_lands_on_faster_rcnn_c4(ckpts, tmp_path):
+    out = tmp_path / "enc.pkl"
+    text = run("--checkpoint", ckpts["r50_fpn"], "--to", "detectron2", "--output", out, "--part", "encoder")
+    ckpt = load_pkl(out)["model"]
+    model = d2_faster_rcnn_c4(50)
+    check_d2(ckpt, model, [k for k in model if k.startswith(("backbone.", "roi_heads.res5."))])
+    assert "FPN.NORM" not in text
+    # with Detectron2's default FrozenBN the only leftovers are the BN step counters, which it ignores
+    loaded, _ = d2_align(d2_faster_rcnn_c4(50, FROZEN_BN), ckpt)
+    assert {k.rsplit(".", 1)[1] for k in set(ckpt) - set(loaded.values())} == {"num_batches_tracked"}
+
+
+def test_detectron2_r18_single_level_fpn(ckpts, tmp_path):
+    out = tmp_path / "r18.pkl"
+    text = run("--checkpoint", ckpts["r18_fpn_sl"], "--to", "detectron2", "--output", out)
+    ckpt = load_pkl(out)["model"]
+    model = d2_mask_rcnn_fpn(18)
+    untrained = ("backbone.fpn_output3.", "backbone.fpn_output4.", "backbone.fpn_output5.")
+    check_d2(ckpt, model, [k for k in model if k.startswith(("backbone.bottom_up.", "backbone.fpn_"))
+                           and not k.startswith(untrained)])
+    assert "  MODEL.RESNETS.DEPTH 18\n" in text and "  MODEL.RESNETS.RES2_OUT_CHANNELS 64\n" in text
+    assert "note: DeCon-SL pre-trains fpn_output2 only" in text
+
+
+def test_detectron2_fcn_exports_encoder_with_note(ckpts, tmp_path):
+    out = tmp_path / "fcn.pkl"
+    text = run("--checkpoint", ckpts["r18_fcn"], "--to", "detectron2", "--output", out)
+    ckpt = load_pkl(out)["model"]
+    model = d2_mask_rcnn_fpn(18)
+    check_d2(ckpt, model, [k for k in model if k.startswith("backbone.bottom_up.")])
+    notes = [line for line in text.splitlines() if line.startswith("note:")]
+    assert notes == ["note: Detectron2 has no counterpart of the FCN decoder; exported the encoder only "
+                     "(--to mmseg takes the FCN decoder)"]
+
+
+@pytest.mark.parametrize("mutation", ["rename", "drop", "unprefix_stem"])
+def test_detectron2_checker_catches_bad_keys(ckpts, tmp_path, mutation):
+    """The checks above can fail: a renamed, missing or ambiguous key is caught."""
+    out = tmp_path / "m.pkl"
+    run("--checkpoint", ckpts["r18_fpn_sl"], "--to", "detectron2", "--output", out, "--part", "encoder")
+    ckpt = load_pkl(out)["model"]
+    if mutation == "rename":
+        ckpt["res2.0.downsample.1.weight"] = ckpt.pop("res3.0.shortcut.norm.weight")
+    elif mutation == "drop":
+        del ckpt["res4.1.conv2.norm.bias"]
+    else:
+        ckpt["conv1.norm.weight"] = ckpt.pop("stem.conv1.norm.weight")
+    model = d2_mask_rcnn_fpn(18)
+    with pytest.raises((AssertionError, ValueError)):
+        check_d2(ckpt, model, [k for k in model if k.startswith("backbone.bottom_up.")])
+
+
+# ---------------------------------------------------------------- mmseg
+
+def test_mmseg_r50_fpn_backbone_neck_full(ckpts, tmp_path):
+    prefix = tmp_path / "decon_r50"
+    text = run("--checkpoint", ckpts["r50_fpn"], "--to", "mmseg", "--output", prefix)
+    files = {name: torch.load(f"{prefix}_{name}.pth", weights_only=True) for name in ("backbone", "neck", "full")}
+    assert not os.path.exists(f"{prefix}_decode_head.pth")
+    assert all(set(f) == {"state_dict"} for f in files.values())
+    backbone, neck, full = (files[n]["state_dict"] for n in ("backbone", "neck", "full"))
+    check_mm(backbone, mm_resnet(50))
+    check_mm(neck, mm_fpn_neck([256, 512, 1024, 2048]))
+    check_mm(full, {**prefixed("backbone.", mm_resnet(50)), **prefixed("neck.", mm_fpn_neck([256, 512, 1024, 2048]))})
+
+    dec = branch_tensors(ckpts["r50_fpn"], "teacher.decoder.")
+    enc = branch_tensors(ckpts["r50_fpn"], "teacher.encoder.")
+    assert torch.equal(neck["lateral_convs.0.conv.weight"], dec["fpn_lateral2.weight"])
+    assert torch.equal(neck["fpn_convs.3.bn.running_var"], dec["fpn_output5.norm.running_var"])
+    assert torch.equal(full["neck.lateral_convs.2.bn.bias"], dec["fpn_lateral4.norm.bias"])
+    assert torch.equal(full["backbone.layer3.5.bn2.weight"], enc["layer3.5.bn2.weight"])
+    assert fingerprints(v.numpy() for v in backbone.values()) == fingerprints(v.numpy() for v in enc.values())
+    assert "norm_cfg=dict(type='SyncBN', requires_grad=True)" in text and f"load_from = '{prefix}_full.pth'" in text
+
+
+def test_mmseg_fcn_backbone_decode_head_full(ckpts, tmp_path):
+    prefix = tmp_path / "fcn"
+    text = run("--checkpoint", ckpts["r18_fcn"], "--to", "mmseg", "--output", prefix)
+    backbone, head, full = (torch.load(f"{prefix}_{n}.pth", weights_only=True)["state_dict"]
+                            for n in ("backbone", "decode_head", "full"))
+    expected_head = {k: v for k, v in mm_fcn_head(512).items() if not k.startswith("conv_seg.")}  # classifier: new
+    check_mm(backbone, mm_resnet(18))
+    check_mm(head, expected_head)
+    check_mm(full, {**prefixed("backbone.", mm_resnet(18)), **prefixed("decode_head.", expected_head)})
+    dec = branch_tensors(ckpts["r18_fcn"], "teacher.decoder.")
+    assert all(torch.equal(head[k], dec[k]) for k in dec)
+    assert "type='FCNHead', in_channels=512, channels=256, num_convs=2, concat_input=False, dilation=6" in text
+
+
+def test_mmseg_directory_output_and_decoder_only(ckpts, tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    run("--checkpoint", ckpts["r18_fcn"], "--to", "mmseg", "--output", out, "--part", "decoder")
+    assert sorted(os.listdir(out)) == ["decode_head.pth", "full.pth"]
+    full = torch.load(out / "full.pth", weights_only=True)["state_dict"]
+    check_mm(full, {k: v for k, v in prefixed("decode_head.", mm_fcn_head(512)).items() if "conv_seg" not in k})
+
+
+def test_mmseg_checker_catches_bad_keys(ckpts, tmp_path):
+    prefix = tmp_path / "m"
+    run("--checkpoint", ckpts["r18_fpn_sl"], "--to", "mmseg", "--output", prefix, "--part", "decoder")
+    neck = torch.load(f"{prefix}_neck.pth", weights_only=True)["state_dict"]
+    expected = {k: v for k, v in mm_fpn_neck([64, 128, 256, 512]).items()
+                if not k.startswith(("fpn_convs.1.", "fpn_convs.2.", "fpn_convs.3."))}  # DeCon-SL: p2 only
+    check_mm(neck, expected)
+    neck["lateral_convs.0.norm.weight"] = neck.pop("lateral_convs.0.bn.weight")
+    with pytest.raises(AssertionError):
+        check_mm(neck, expected)
+
+
+# ---------------------------------------------------------------- torchvision and branches
+
+@pytest.mark.parametrize("name,arch", [("r50_fpn", "resnet50"), ("r18_none", "resnet18")])
+def test_torchvision_loads_with_only_fc_missing(ckpts, tmp_path, name, arch):
+    out = tmp_path / "tv.pth"
+    text = run("--checkpoint", ckpts[name], "--to", "torchvision", "--output", out)
+    sd = torch.load(out, weights_only=True)
+    net = getattr(torchvision.models, arch)(weights=None)
+    result = net.load_state_dict(sd, strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
+    enc = branch_tensors(ckpts[name], "teacher.encoder.")
+    assert sorted(sd) == sorted(enc)
+    assert all(torch.equal(net.state_dict()[k], enc[k]) for k in enc)
+    if name == "r50_fpn":
+        assert "note: torchvision has no counterpart of the DeCon decoders; exported the encoder only" in text
+
+
+@pytest.mark.parametrize("name,branch,expected", [("r18_none", None, "teacher"), ("r18_none", "student", "student"),
+                                                  ("r18_densecl_fpn", None, "student"),
+                                                  ("r18_densecl_fpn", "teacher", "teacher")])
+def test_branch_default_and_choice(ckpts, tmp_path, name, branch, expected):
+    out = tmp_path / "b.pth"
+    text = run("--checkpoint", ckpts[name], "--to", "torchvision", "--output", out,
+               *(["--branch", branch] if branch else []))
+    sd = torch.load(out, weights_only=True)
+    enc = branch_tensors(ckpts[name], f"{expected}.encoder.")
+    other = branch_tensors(ckpts[name], f"{({'teacher': 'student', 'student': 'teacher'})[expected]}.encoder.")
+    assert all(torch.equal(sd[k], enc[k]) for k in enc)
+    assert not torch.equal(sd["conv1.weight"], other["conv1.weight"])
+    assert f"of the {expected} branch" in text
+
+
+# ---------------------------------------------------------------- bad input
+
+def foreign_files(d, ckpts):
+    (d / "random.pt").write_bytes(b"these are not weights\n" * 100)
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, d / "foreign.pt")
+    return {"random": d / "random.pt", "foreign": d / "foreign.pt", "missing": d / "nope.pt", **ckpts}
+
+
+@pytest.mark.parametrize("ckpt,argv,output,message", [
+    ("random", ["--to", "mmseg"], "x", "random.pt: cannot be read as a PyTorch checkpoint"),
+    ("foreign", ["--to", "mmseg"], "x",
+     "not a DeCon pretrain.py checkpoint (expected a dict with 'model' and 'args')"),
+    ("missing", ["--to", "mmseg"], "x", "no such file"),
+    ("r18_none", ["--to", "mmseg", "--part", "decoder"], "x",
+     "was pre-trained without a decoder (--decoder none); export --part encoder"),
+    ("r18_fcn", ["--to", "detectron2", "--part", "decoder"], "x.pkl",
+     "--part decoder --to detectron2: Detectron2 has no counterpart of the FCN decoder (--decoder fcn); "
+     "use --to mmseg, or --part encoder"),
+    ("r18_fpn_sl", ["--to", "torchvision", "--part", "decoder"], "x.pth",
+     "--part decoder --to torchvision: torchvision has no counterpart of the DeCon decoders"),
+    ("r18_none", ["--to", "torchvision", "--part", "decoder"], "x.pth", "was pre-trained without a decoder"),
+    ("r18_fpn_sl", ["--to", "detectron2"], "x.pth", "Detectron2 needs a file name ending in .pkl"),
+])
+def test_bad_input_is_one_line_error_and_writes_nothing(ckpts, tmp_path, capsys, ckpt, argv, output, message):
+    path = foreign_files(tmp_path, ckpts)[ckpt]
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        run("--checkpoint", path, "--output", out_dir / output, *argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not out_dir.exists()
+
+
+def test_output_never_overwrites_the_checkpoint(tmp_path, capsys):
+    path = write_checkpoint(str(tmp_path / "tv_self.pt"), decoder="none", deep_supervision=False)
+    before = open(path, "rb").read()
+    with pytest.raises(SystemExit) as e:
+        run("--checkpoint", path, "--to", "torchvision", "--output", path)
+    assert e.value.code == 2 and "would overwrite the checkpoint" in capsys.readouterr().err
+    assert open(path, "rb").read() == before
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_real_pretrain_checkpoint_via_cli(tmp_path):
+    """A checkpoint written by pretrain.py itself (channels_last weights, real args), through the CLI."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    subprocess.run([sys.executable, "pretrain.py", "--framework", "slotcon", "--decoder", "fpn", "--alpha", "0",
+                    "--arch", "resnet18", "--image-size", "64", "--batch-size", "8", "--epochs", "1",
+                    "--max-steps", "1", "--dim-hidden", "64", "--num-prototypes", "16", "--synthetic-images", "16",
+                    "--workers", "0", "--output-dir", str(tmp_path / "run")],
+                   cwd=HERE, env=env, check=True, capture_output=True)
+    ckpt = tmp_path / "run" / "last.pt"
+    out = tmp_path / "real.pkl"
+    res = subprocess.run([sys.executable, "convert.py", "--checkpoint", str(ckpt), "--to", "detectron2",
+                          "--output", str(out)], cwd=HERE, env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    model = d2_mask_rcnn_fpn(18)
+    check_d2(load_pkl(out)["model"], model,
+             [k for k in model if k.startswith(("backbone.bottom_up.", "backbone.fpn_"))])
+    assert "teacher branch (slotcon, resnet18, step 1)" in res.stdout and "  MODEL.FPN.NORM SyncBN\n" in res.stdout
+
+    prefix = tmp_path / "real_mm"
+    run("--checkpoint", ckpt, "--to", "mmseg", "--output", prefix, "--branch", "student")
+    neck = torch.load(f"{prefix}_neck.pth", weights_only=True)["state_dict"]
+    check_mm(neck, mm_fpn_neck([64, 128, 256, 512]))
+    student = branch_tensors(ckpt, "student.decoder.")
+    assert torch.equal(neck["fpn_convs.1.conv.weight"], student["fpn_output3.weight"])
+
+
+# ================================================================ Tests of finetune_seg.py and eval.py (issue 3): the metric against hand-made confusion matrices, sliding-window
+
+# ---------------------------------------------------------------- metric
+
+# rows = ground truth, columns = prediction. Class 2 appears in neither (NaN, left out); class 3 is in the ground
+# truth but never predicted (IoU 0); class 4 is predicted but absent from the ground truth (IoU 0).
+HAND_CM = np.array([[3, 1, 0, 0, 0],
+                    [0, 2, 0, 0, 1],
+                    [0, 0, 0, 0, 0],
+                    [1, 0, 0, 0, 0],
+                    [0, 0, 0, 0, 0]])
+
+
+def test_scores_of_a_hand_made_confusion_matrix():
+    s = segmentation_scores(torch.tensor(HAND_CM))
+    # IoU_0 = 3 / (4 + 4 - 3), IoU_1 = 2 / (3 + 3 - 2), IoU_3 = 0 / 1, IoU_4 = 0 / 1
+    np.testing.assert_allclose(s["iou"], [0.6, 0.5, np.nan, 0.0, 0.0])
+    assert s["miou"] == pytest.approx((0.6 + 0.5 + 0 + 0) / 4)
+    assert s["pixel_acc"] == pytest.approx(5 / 8)
+
+
+def test_confusion_matrix_counts_pixels_and_skips_the_ignore_index():
+    pairs = [(t, p) for t in range(5) for p in range(5) for _ in range(HAND_CM[t, p])]
+    pairs += [(IGNORE_INDEX, 0), (IGNORE_INDEX, 3), (IGNORE_INDEX, 4)]  # ignored whatever the prediction
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([pairs[i][0] for i in order]).view(1, -1)
+    pred = torch.tensor([pairs[i][1] for i in order]).view(1, -1)
+    assert torch.equal(confusion_matrix(pred, target, 5), torch.tensor(HAND_CM))
+    with pytest.raises(ValueError, match="class 7"):
+        confusion_matrix(torch.zeros(3, dtype=torch.long), torch.tensor([0, 7, 255]), 5)
+
+
+def test_all_classes_absent_gives_nan_not_an_error():
+    s = segmentation_scores(np.zeros((3, 3)))
+    assert np.isnan(s["miou"]) and np.isnan(s["iou"]).all()
+
+
+# ---------------------------------------------------------------- inference
+
+class Pointwise(nn.Module):
+    """A 1x1 conv: its logits at a pixel depend on that pixel only, so every window agrees with the whole image."""
+
+    num_classes = 4
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, self.num_classes, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_window_starts_cover_the_side_and_end_flush():
+    assert window_starts(37, 16, 10) == [0, 10, 20, 21]
+    assert window_starts(16, 16, 10) == [0]
+    assert window_starts(9, 16, 10) == [0]  # shorter than a window: one window, the whole side
+
+
+def test_slide_inference_matches_whole_for_a_pointwise_model():
+    torch.manual_seed(0)
+    model, image = Pointwise(), torch.randn(2, 3, 37, 45)
+    whole = predict(model, image, "whole")
+    slide = predict(model, image, "slide", crop=16, stride=10)
+    torch.testing.assert_close(slide, whole, rtol=1e-5, atol=1e-5)
+    assert predict(model, image, "whole", out_size=(74, 90)).shape == (2, 4, 74, 90)
+
+
+def test_segmenter_output_size_and_stride():
+    x = torch.randn(1, 3, 50, 70)  # not a multiple of 32: the FPN pads internally
+    for arch, decoder, stride in (("resnet18", "fcn", 32), ("resnet18", "fpn", 32), ("resnet50", "fcn", 16)):
+        model = Segmenter(arch, decoder, 5).eval()
+        assert model.output_stride == stride
+        with torch.no_grad():
+            assert model(x).shape == (1, 5, 50, 70)
+
+
+# ---------------------------------------------------------------- fixtures in each dataset's layout
+
+def write_image(path, w=40, h=32, fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(zlib.crc32(path.encode()))
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, fmt)
+
+
+def write_mask(path, values, w=40, h=32, palette=False, fmt=None):
+    """A mask whose rows cycle through `values`."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    mask = np.array([values[i % len(values)] for i in range(h)], dtype=np.uint8)[:, None].repeat(w, 1)
+    im = Image.fromarray(mask)
+    if palette:  # VOC stores class ids as palette indices: putpalette turns the L image into P, ids unchanged
+        im.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
+        assert im.mode == "P"
+    im.save(path, fmt)
+    return mask
+
+
+def mask_ids(dataset, idx=0):
+    return sorted(np.unique(dataset[idx][1]).tolist())
+
+
+def make_voc(root):
+    voc = os.path.join(root, "VOCdevkit", "VOC2012")
+    lists = {"train.txt": ["2007_000032"], "aug.txt": ["2008_000002", "2008_000003"], "val.txt": ["2007_000033"]}
+    for name, ids in lists.items():
+        os.makedirs(os.path.join(voc, "ImageSets", "Segmentation"), exist_ok=True)
+        with open(os.path.join(voc, "ImageSets", "Segmentation", name), "w") as f:
+            f.write("\n".join(ids) + "\n")
+        folder = "SegmentationClassAug" if name == "aug.txt" else "SegmentationClass"
+        for i in ids:
+            write_image(os.path.join(voc, "JPEGImages", i + ".jpg"))
+            write_mask(os.path.join(voc, folder, i + ".png"), [0, 15, 255], palette=folder == "SegmentationClass")
+    return voc
+
+
+def test_voc_loader(tmp_path):
+    voc = make_voc(str(tmp_path))
+    train = build_dataset("voc", "train", voc)
+    assert len(train) == 3 and train.classes[15] == "person"  # train.txt + SBD's aug.txt
+    assert mask_ids(train, 0) == [0, 15, 255] and mask_ids(train, 2) == [0, 15, 255]
+    assert len(build_dataset("voc", "test", os.path.dirname(voc))) == 1  # VOCdevkit works too; test = val
+    image, mask = Transformed(train, EvalTransform(64))[0]
+    assert image.shape == (3, 64, 80) and mask.shape == (32, 40)  # short side to 64; the metric at native size
+
+
+def test_cityscapes_loader_maps_label_ids_to_train_ids(tmp_path):
+    root = str(tmp_path)
+    for split in ("train", "val"):
+        stem = f"aachen_000000_00001{split == 'val'}"
+        write_image(os.path.join(root, "leftImg8bit", split, "aachen", stem + "_leftImg8bit.png"))
+        write_mask(os.path.join(root, "gtFine", split, "aachen", stem + "_gtFine_labelIds.png"), [0, 7, 26, 33, 4])
+    train = build_dataset("cityscapes", "train", root)
+    assert len(train) == 1 and len(build_dataset("cityscapes", "test", root)) == 1
+    # unlabeled 0 and static 4 -> ignore; road 7 -> 0, car 26 -> 13, bicycle 33 -> 18
+    assert mask_ids(train) == [0, 13, 18, 255]
+
+
+def test_isic2017_loader(tmp_path):
+    root = str(tmp_path)
+    names = {"train": ("train", "Training"), "val": ("val", "Validation"), "test": ("test", "Test_v2")}
+    for split, (sub, tag) in names.items():
+        for k in range(2):
+            name = f"ISIC_000000{k}"
+            write_image(os.path.join(root, sub, f"ISIC-2017_{tag}_Data", name + ".jpg"))
+            write_mask(os.path.join(root, sub, f"ISIC-2017_{tag}_Part1_GroundTruth", name + "_segmentation.png"),
+                       [0, 255])
+        write_image(os.path.join(root, sub, f"ISIC-2017_{tag}_Data", "ISIC_0000000_superpixels.png"))
+    for split in names:
+        data = build_dataset("isic2017", split, root)
+        assert len(data) == 2 and mask_ids(data) == [0, 1]
+
+
+def make_refuge(root):
+    for image, mask in (("REFUGE-Training400/Training400/Glaucoma/g0001.jpg",
+                         "Annotation-Training400/Disc_Cup_Masks/Glaucoma/g0001.bmp"),
+                        ("REFUGE-Training400/Training400/Non-Glaucoma/n0001.jpg",
+                         "Annotation-Training400/Disc_Cup_Masks/Non-Glaucoma/n0001.bmp"),
+                        ("REFUGE-Validation400/V0001.jpg", "REFUGE-Validation400-GT/Disc_Cup_Masks/V0001.bmp"),
+                        ("REFUGE-Test400/Test400/T0001.jpg", "REFUGE-Test-GT/Disc_Cup_Masks/G/T0001.bmp")):
+        write_image(os.path.join(root, image))
+        write_mask(os.path.join(root, mask), [255, 128, 0])
+    # the annotation archive also holds .jpg illustrations with the same stems: not masks
+    write_image(os.path.join(root, "Annotation-Training400/Disc_Cup_Fovea_Illustration/g0001.jpg"))
+
+
+def test_refuge_loader_maps_grey_levels(tmp_path):
+    make_refuge(str(tmp_path))
+    train = build_dataset("refuge", "train", str(tmp_path))
+    assert len(train) == 2 and train.pairs[0][1].endswith("g0001.bmp")
+    image, mask = train[0]
+    assert mask[0, 0] == 0 and mask[1, 0] == 1 and mask[2, 0] == 2  # 255 background, 128 disc, 0 cup
+    assert len(build_dataset("refuge", "val", str(tmp_path))) == 1
+    assert len(build_dataset("refuge", "test", str(tmp_path))) == 1
+
+
+def make_folder(root, values=(0, 1, 2, 255)):
+    for split in ("train", "val", "test"):
+        for name in ("a", "sub/b"):
+            write_image(os.path.join(root, "images", split, name + ".jpg"))
+            write_mask(os.path.join(root, "masks", split, name + ".png"), list(values))
+    return root
+
+
+def test_folder_loader(tmp_path):
+    root = make_folder(str(tmp_path))
+    data = build_dataset("folder", "val", root, num_classes=3)
+    assert len(data) == 2 and data.classes == ("class0", "class1", "class2") and mask_ids(data) == [0, 1, 2, 255]
+    check_dataset(data)
+
+
+def test_synthetic_splits_are_distinct_and_deterministic():
+    a, b = build_dataset("synthetic", "train", synthetic_size=64), build_dataset("synthetic", "test", synthetic_size=64)
+    assert (len(a), len(b)) == (256, 64)
+    assert np.array_equal(np.asarray(a[3][0]), np.asarray(build_dataset("synthetic", "train", synthetic_size=64)[3][0]))
+    assert not np.array_equal(np.asarray(a[0][0]), np.asarray(b[0][0]))
+    assert a[0][1].max() <= 8 and len(a.classes) == 9
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_image_without_mask_is_named(tmp_path):
+    root = make_folder(str(tmp_path))
+    write_image(os.path.join(root, "images", "train", "orphan.jpg"))
+    with pytest.raises(DataError, match="orphan.jpg has no mask"):
+        build_dataset("folder", "train", root, num_classes=3)
+    voc = make_voc(str(tmp_path / "v"))
+    os.remove(os.path.join(voc, "SegmentationClassAug", "2008_000003.png"))
+    with pytest.raises(DataError, match="2008_000003.jpg has no mask"):
+        build_dataset("voc", "train", voc)
+
+
+def test_mask_value_beyond_the_classes_is_named(tmp_path):
+    root = make_folder(str(tmp_path), values=(0, 1, 5))
+    data = build_dataset("folder", "train", root, num_classes=3)
+    with pytest.raises(DataError, match=r"masks/train/a\.png: value 5 is not a class id below 3"):
+        check_dataset(data)
+    voc = make_voc(str(tmp_path / "v"))
+    write_mask(os.path.join(voc, "SegmentationClass", "2007_000033.png"), [0, 21])
+    with pytest.raises(DataError, match="2007_000033.png: value 21"):
+        check_dataset(build_dataset("voc", "val", voc))
+
+
+def finetune_args(*argv):
+    parser = ft.get_args_parser()
+    return ft.finalize_args(parser.parse_args(list(argv)), parser)
+
+
+def test_flags_are_rejected_before_any_work(tmp_path, capsys):
+    for argv, message in ((["--dataset", "voc"], "--data-root is required"),
+                          (["--dataset", "voc", "--data-root", str(tmp_path / "nope")], "no such folder"),
+                          (["--fraction", "0"], "--fraction 0.0: must be in (0, 1]"),
+                          (["--fraction", "1.5"], "--fraction 1.5: must be in (0, 1]"),
+                          (["--dataset", "folder", "--data-root", str(tmp_path)], "--num-classes"),
+                          (["--select", "best", "--eval-every", "0"], "--select best needs --eval-every"),
+                          (["--transfer", "encoder+decoder"], "needs --pretrained")):
+        with pytest.raises(SystemExit):
+            finetune_args(*argv)
+        assert message in capsys.readouterr().err
+
+
+def test_bad_mask_stops_the_run_before_training(tmp_path):
+    root = make_folder(str(tmp_path / "data"), values=(0, 3))
+    out = tmp_path / "out"
+    args = finetune_args("--dataset", "folder", "--data-root", root, "--num-classes", "3", "--arch", "resnet18",
+                         "--workers", "0", "--output-dir", str(out))
+    with pytest.raises(SystemExit, match="error: mask .*a.png: value 3"):
+        ft.main(args)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- fractions, sampling, schedule, augmentation
+
+def test_fraction_subsets_are_deterministic_per_seed_and_nested():
+    a = ft.fraction_indices(400, 0.05, seed=0)
+    assert a == ft.fraction_indices(400, 0.05, seed=0) and len(a) == 20 and a == sorted(a)
+    assert a != ft.fraction_indices(400, 0.05, seed=1)
+    assert set(a) <= set(ft.fraction_indices(400, 0.25, seed=0))
+    assert ft.fraction_indices(400, 1.0, seed=3) == list(range(400))
+    assert len(ft.fraction_indices(10, 0.01, seed=0)) == 1
+
+
+def test_iteration_sampler_repeats_small_sets_and_does_not_depend_on_the_world_size():
+    one = ft.IterationSampler(3, iters=5, batch_per_rank=4, seed=0)
+    keys = list(one)
+    assert len(keys) == 20 and sorted({k % 3 for k in keys}) == [0, 1, 2]  # 3 images fill batches of 4
+    assert len(set(keys)) == 20  # each repeat is another epoch: another augmentation key
+    ranks = []
+    for r in range(2):
+        s = ft.IterationSampler(3, iters=5, batch_per_rank=2, seed=0)
+        s.rank, s.world = r, 2
+        ranks.append(torch.tensor(list(s)).view(5, 2))
+    assert torch.equal(torch.cat(ranks, 1).flatten(), torch.tensor(keys))
+
+
+def test_poly_schedule():
+    lrs = ft.poly_schedule(0.01, 100, power=0.9, min_lr=1e-4)
+    assert lrs[0] == pytest.approx(0.01) and np.all(np.diff(lrs) < 0)
+    assert lrs[50] == pytest.approx((0.01 - 1e-4) * 0.5 ** 0.9 + 1e-4)
+
+
+def test_train_transform_keeps_image_and_mask_aligned():
+    mask = np.array([[(x // 5 + y // 7) % 3 for x in range(40)] for y in range(30)], dtype=np.uint8)
+    colours = np.array([[200, 10, 10], [10, 200, 10], [10, 10, 200]], dtype=np.uint8)
+    image = Image.fromarray(colours[mask])
+    t = ft.TrainTransform(crop_size=48, scale_range=(1.0, 1.0))
+    random.seed(0)
+    for _ in range(4):
+        x, y = t(image, mask)
+        assert x.shape == (3, 48, 48) and y.shape == (48, 48)
+        assert (y[30:] == IGNORE_INDEX).all() and (y[:, 40:] == IGNORE_INDEX).all()  # padding is ignored
+        valid = y != IGNORE_INDEX
+        std, mean = torch.tensor([0.229, 0.224, 0.225])[:, None], torch.tensor([0.485, 0.456, 0.406])[:, None]
+        rgb = ((x[:, valid] * std + mean) * 255).round()
+        torch.testing.assert_close(rgb, torch.from_numpy(colours[y[valid].numpy()]).T.float())
+
+
+# ---------------------------------------------------------------- transfer
+
+def fake_pretraining(path, decoder="fcn", deep_supervision=False, framework="slotcon"):
+    """A tiny pretrain.py-style last.pt whose every float tensor (buffers too) differs from a fresh model's, and
+    whose teacher differs from its student, so that loaded tensors and the branch can be told apart."""
+    a = argparse.Namespace(framework=framework, arch="resnet18", decoder=decoder, dropout=0.0,
+                           alpha=0.5 if decoder != "none" else 1.0, deep_supervision=deep_supervision, dim_hidden=16,
+                           dim_out=8, num_prototypes=4, num_prototypes_dec=None, queue_size=32)
+    torch.manual_seed(123)
+    model = build_decon(a)
+    with torch.no_grad():
+        for branch, shift in ((model.student, 0.25), (model.teacher, 0.5)):
+            for t in branch.state_dict().values():
+                if t.is_floating_point():
+                    t.add_(shift)
+    torch.save({"model": model.state_dict(), "args": vars(a), "step": 7}, path)
+    return model
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def changed(model, before, prefix):
+    """Names under `prefix` whose tensor differs from `before`."""
+    return {k for k, v in model.state_dict().items() if k.startswith(prefix) and not torch.equal(v, before[k])}
+
+
+def fresh_segmenter(decoder="fcn"):
+    torch.manual_seed(0)
+    return Segmenter("resnet18", decoder, 3)
+
+
+def test_transfer_encoder_only(tmp_path):
+    path = str(tmp_path / "last.pt")
+    decon = fake_pretraining(path)
+    model = fresh_segmenter()
+    before = snapshot(model)
+    pretrained = ft.read_pretrained([path])
+    notes = ft.transfer(model, pretrained, "encoder")
+    assert "teacher branch (the authors' choice for slotcon)" in pretrained["notes"][0]
+    for k, v in decon.teacher.encoder.state_dict().items():  # the teacher, SlotCon's default
+        assert torch.equal(model.backbone.state_dict()[k], v), k
+    assert not changed(model, before, "decode_head.") and "random init (--transfer encoder)" in notes[-1]
+
+
+def test_transfer_encoder_and_decoder_and_student_branch(tmp_path):
+    path = str(tmp_path / "last.pt")
+    decon = fake_pretraining(path)
+    model = fresh_segmenter()
+    before = snapshot(model)
+    notes = ft.transfer(model, ft.read_pretrained([path], branch="student"), "encoder+decoder")
+    for k, v in decon.student.decoder.state_dict().items():
+        assert torch.equal(model.decode_head.state_dict()[k], v), k
+    assert torch.equal(model.backbone.conv1.weight, decon.student.encoder.conv1.weight)
+    assert changed(model, before, "decode_head.") == {k for k in before if k.startswith("decode_head.convs.")
+                                                       and not k.endswith("num_batches_tracked")}
+    assert "random init: conv_seg" in notes[-1]
+
+
+def test_transfer_fpn_without_deep_supervision_keeps_missing_levels_random(tmp_path):
+    path = str(tmp_path / "last.pt")
+    decon = fake_pretraining(path, decoder="fpn", deep_supervision=False)
+    model = fresh_segmenter("fpn")
+    before = snapshot(model)
+    notes = ft.transfer(model, ft.read_pretrained([path]), "encoder+decoder")
+    loaded = changed(model, before, "decode_head.")
+    assert any(k.startswith("decode_head.fpn_lateral5") for k in loaded)
+    assert any(k.startswith("decode_head.fpn_output2") for k in loaded)
+    assert not any(k.startswith(("decode_head.fpn_output3", "decode_head.conv_seg", "decode_head.scale_heads"))
+                   for k in loaded)
+    assert torch.equal(model.decode_head.fpn_output2.weight, decon.teacher.decoder.fpn_output2.weight)
+    assert "fpn_output3, fpn_output4, fpn_output5" in notes[-1] and "deep supervision" in notes[-1]
+
+
+def test_heterogeneous_decoders_transfer_the_encoder_only(tmp_path):
+    path = str(tmp_path / "last.pt")
+    fake_pretraining(path, decoder="fpn", deep_supervision=True)
+    model = fresh_segmenter("fcn")
+    before = snapshot(model)
+    notes = ft.transfer(model, ft.read_pretrained([path]), "encoder+decoder")
+    assert changed(model, before, "backbone.") and not changed(model, before, "decode_head.")
+    assert "heterogeneous decoders (pre-trained fpn, fine-tuned fcn)" in notes[-1]
+
+
+def test_converted_files_load_by_their_keys(tmp_path):
+    path = str(tmp_path / "last.pt")
+    decon = fake_pretraining(path)
+    enc, dec = decon.teacher.encoder.state_dict(), decon.teacher.decoder.state_dict()
+    files = {"backbone.pth": {"state_dict": enc}, "decode_head.pth": {"state_dict": dec},
+             "full.pth": {"state_dict": {**{f"backbone.{k}": v for k, v in enc.items()},
+                                         **{f"decode_head.{k}": v for k, v in dec.items()}}},
+             "tv.pth": {**enc, "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}}
+    for name, content in files.items():
+        torch.save(content, str(tmp_path / name))
+    for paths, mode in (([tmp_path / "backbone.pth", tmp_path / "decode_head.pth"], "encoder+decoder"),
+                        ([tmp_path / "full.pth"], "encoder+decoder"), ([tmp_path / "tv.pth"], "encoder")):
+        model = fresh_segmenter()
+        pretrained = ft.read_pretrained([str(p) for p in paths])
+        assert pretrained["arch"] == "resnet18"
+        ft.transfer(model, pretrained, mode)
+        assert torch.equal(model.backbone.layer4[1].bn2.weight, decon.teacher.encoder.layer4[1].bn2.weight)
+        if mode == "encoder+decoder":
+            assert torch.equal(model.decode_head.convs[1].conv.weight, decon.teacher.decoder.convs[1].conv.weight)
+    assert "ignored 2 (fc.weight, fc.bias)" in ft.read_pretrained([str(tmp_path / "tv.pth")])["notes"][0]
+    # mmseg's FPN neck names, as convert.py exports them, map back onto the FPN
+    fpn = fake_pretraining(path, decoder="fpn", deep_supervision=True).teacher.decoder.state_dict()
+    neck = {}
+    for k, v in fpn.items():  # fpn_lateral3.norm.bias -> neck.lateral_convs.1.bn.bias
+        name, rest = k.split(".", 1)
+        module = "lateral_convs" if name.startswith("fpn_lateral") else "fpn_convs"
+        layer = "conv.weight" if rest == "weight" else "bn." + rest[len("norm."):]
+        neck[f"neck.{module}.{int(name[-1]) - 2}.{layer}"] = v
+    _, _, got, _ = ft.split_state_dict(neck)
+    assert got.keys() == fpn.keys() and all(torch.equal(got[k], fpn[k]) for k in fpn)
+
+
+def test_transfer_errors_are_one_line(tmp_path):
+    path = str(tmp_path / "last.pt")
+    fake_pretraining(path, decoder="none")
+    args = finetune_args("--pretrained", path, "--transfer", "encoder+decoder", "--workers", "0")
+    with pytest.raises(ValueError, match="has no decoder weights; use --transfer encoder"):
+        ft.prepare(args)
+    args = finetune_args("--pretrained", path, "--arch", "resnet50", "--workers", "0")
+    with pytest.raises(ValueError, match="--arch resnet50: --pretrained holds a resnet18 encoder"):
+        ft.prepare(args)
+    torch.save({"optimizer": {"lr": 1.0}}, str(tmp_path / "junk.pt"))
+    with pytest.raises(ValueError, match="junk.pt: neither a pretrain.py checkpoint nor a state dict"):
+        ft.read_pretrained([str(tmp_path / "junk.pt")])
+
+
+# ---------------------------------------------------------------- a short fine-tune
+
+@pytest.fixture
+def one_thread():
+    """On 64 px inputs, intra-op threads cost more in synchronization than they save, and when the cores are
+    shared (parallel CI jobs) a 2-thread step can be 10x slower than a 1-thread one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_short_finetune_beats_the_untrained_model_and_eval_reproduces_it(tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    common = ["--arch", "resnet18", "--synthetic-size", "64", "--synthetic-train", "64", "--synthetic-val", "8",
+              "--synthetic-test", "24", "--crop-size", "64", "--workers", "0"]
+    args = finetune_args(*common, "--decoder", "fpn", "--iters", "40", "--batch-size", "8", "--lr", "0.05",
+                         "--eval-every", "20", "--select", "best", "--output-dir", str(out))
+    results = ft.main(args)
+
+    torch.manual_seed(0)  # the fine-tune's initial weights (seed 0)
+    untrained = Segmenter("resnet18", "fpn", 9)
+    test = Transformed(build_dataset("synthetic", "test", synthetic_lengths=(64, 8, 24), synthetic_size=64),
+                       EvalTransform())
+    before = 100 * evaluate(untrained, test)["miou"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["miou_mean"] == results["miou_mean"] and saved["seeds"][0]["checkpoint"].endswith("seed0.pt")
+    assert saved["miou_mean"] > before + 5, (saved["miou_mean"], before)
+    assert saved["command"].startswith("python") and len(saved["iou_per_class_mean"]) == 9
+
+    capsys.readouterr()
+    scores = eval_main(eval_parser().parse_args(["--checkpoint", str(out / "seed0.pt"), "--workers", "0"]))
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed
+    assert 100 * scores["miou"] == pytest.approx(saved["miou_mean"], abs=1e-3)
+    report = json.loads((out / "seed0.synthetic-test.json").read_text())
+    assert report["miou"] == pytest.approx(saved["miou_mean"], abs=1e-3)

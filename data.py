@@ -1,5 +1,6 @@
-"""Data: robust image decoding, an unlabeled image folder, the built-in synthetic scenes, and the two-view
-augmentations of SlotCon (with the overlap box each view needs for invaug) and DenseCL.
+"""Data: robust image decoding, an unlabeled image folder, the built-in synthetic scenes, the two-view
+augmentations of SlotCon (with the overlap box each view needs for invaug) and DenseCL, and the labelled
+segmentation datasets of the downstream scripts (synthetic, VOC, Cityscapes, ISIC 2017, REFUGE, folder).
 
 A pre-training sample is (views (2, 3, H, W), coords (2, 4), flags (2,)): coords[v] is the two crops' overlap in
 view v's normalized coordinates (after its flip), flags[v] whether view v was flipped.
@@ -8,13 +9,15 @@ import math
 import os
 import random
 import sys
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
+
+import distributed as du
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -90,6 +93,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
 NUM_SYNTHETIC_CLASSES = 8  # objects; the masks use 0 for background and 1..8 for the objects
 _SHAPES = ("disc", "square", "triangle", "diamond", "ring", "cross", "ellipse", "hexagon")
+SYNTHETIC_CLASS_NAMES = ("background",) + _SHAPES  # class id -> name, as the masks number them
 _TEXTURES = ("plain", "stripes", "checker", "dots")
 _HUES = (0.0, 0.12, 0.33, 0.6)  # red, orange-yellow, green, blue families; each shared by two classes
 
@@ -278,3 +282,336 @@ def seed_worker(worker_id):
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
+
+
+# ---------------------------------------------------------------- labelled segmentation datasets
+# (finetune_seg.py and eval.py)
+
+IGNORE_INDEX = 255  # mmseg's: VOC's object borders, Cityscapes' unused classes, crop padding
+
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                      "bicycle")
+# labelIds of the 19 evaluated classes, in trainId order (cityscapesScripts' labels.py); every other id -> ignore
+CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+
+# Classes and test-time geometry of each dataset, as in the mmseg test pipelines the paper used: `base_size` is the
+# short side images are resized to before inference (None: native size); the metric is computed at native size.
+DATASETS = {
+    "synthetic": dict(classes=SYNTHETIC_CLASS_NAMES, base_size=None, mode="whole",
+                      stride=None),
+    "voc": dict(classes=VOC_CLASSES, base_size=512, mode="whole", stride=None),
+    "cityscapes": dict(classes=CITYSCAPES_CLASSES, base_size=None, mode="slide", stride=513),  # 769 crops
+    "isic2017": dict(classes=("background", "lesion"), base_size=512, mode="whole", stride=None),
+    "refuge": dict(classes=("background", "optic disc", "optic cup"), base_size=512, mode="whole", stride=None),
+    "folder": dict(classes=None, base_size=None, mode="whole", stride=None),
+}
+SYNTHETIC_SPLIT_SEEDS = {"train": 100, "val": 101, "test": 102}  # pretrain.py's scenes use --seed (0)
+TEST_IS_VAL = ("voc", "cityscapes")  # no public test labels: the paper reports val2012 and val.fine
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given: the message is one line naming the file or flag."""
+
+
+# ---------------------------------------------------------------- mask decoding
+
+def class_id_lut(num_classes):
+    """Masks that already hold class ids: 0..K-1 and 255 are valid, anything else is an error (-1)."""
+    lut = np.full(256, -1, np.int16)
+    lut[:num_classes] = np.arange(num_classes)
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    return lut
+
+
+def cityscapes_lut():
+    """gtFine labelIds -> the 19 trainIds; the 15 unused ids (and anything else) -> 255."""
+    lut = np.full(256, IGNORE_INDEX, np.int16)
+    lut[list(CITYSCAPES_LABEL_IDS)] = np.arange(len(CITYSCAPES_LABEL_IDS))
+    return lut
+
+
+def isic_lut():
+    """ISIC 2017 Part 1 masks are 0 (background) / 255 (lesion); other grey levels (a resized copy) split at 128."""
+    return (np.arange(256) >= 128).astype(np.int16)
+
+
+def refuge_lut():
+    """REFUGE Disc_Cup_Masks grey levels: 255 background -> 0, 128 optic disc (rim) -> 1, 0 optic cup -> 2;
+    other levels go to the nearest of the three (the .bmp files are lossless, but copies may not be)."""
+    v = np.arange(256)
+    return np.where(v >= 192, 0, np.where(v >= 64, 1, 2)).astype(np.int16)
+
+
+def read_mask(path, lut, grey=False):
+    """Mask file -> (H, W) uint8 class ids (255 = ignore) through a 256-entry lookup table, -1 marking values that
+    are not allowed. `grey`: convert to 8-bit luminance first (REFUGE, ISIC); otherwise the pixel values (the
+    palette indices of a 'P' PNG, as VOC stores them) are the ids. Raises DataError naming the file."""
+    try:
+        with Image.open(path) as im:
+            raw = np.asarray(im.convert("L") if grey else im)
+    except Exception as e:  # PIL raises many types for bad files
+        raise DataError(f"cannot decode mask {path}: {e}") from None
+    if raw.ndim != 2:
+        raise DataError(f"mask {path}: has {raw.shape[-1]} channels; save one channel of class ids (mode L or P)")
+    if raw.dtype != np.uint8:  # 16-bit PNGs
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            bad = raw.max() if raw.max() > 255 else raw.min()
+            raise DataError(f"mask {path}: value {bad} is not a class id (at most 254) or the ignore index 255")
+        raw = raw.astype(np.uint8)
+    ids = lut[raw]
+    if (ids < 0).any():
+        bad, k = int(raw[ids < 0][0]), int((lut[:255] >= 0).sum())
+        raise DataError(f"mask {path}: value {bad} is not a class id below {k} or the ignore index {IGNORE_INDEX}")
+    return ids.astype(np.uint8)
+
+
+# ---------------------------------------------------------------- datasets
+
+class LabelledImages(torch.utils.data.Dataset):
+    """(image file, mask file) pairs. item -> transform(PIL RGB image, (H, W) uint8 ids), or the pair itself."""
+
+    def __init__(self, pairs, classes, lut, grey=False, transform=None):
+        self.pairs, self.classes, self.lut, self.grey, self.transform = pairs, tuple(classes), lut, grey, transform
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, idx):
+        image = load_rgb(self.pairs[idx][0])
+        mask = self._mask(idx, image.size)
+        return self.transform(image, mask) if self.transform else (image, mask)
+
+    def _mask(self, idx, image_size):
+        """The (H, W) ids of pair `idx`, checked against the image's (W, H)."""
+        image_path, mask_path = self.pairs[idx]
+        mask = read_mask(mask_path, self.lut, self.grey)
+        if image_size != (mask.shape[1], mask.shape[0]):
+            raise DataError(f"mask {mask_path}: {mask.shape[1]}x{mask.shape[0]} px, but its image {image_path} "
+                            f"is {image_size[0]}x{image_size[1]}")
+        return mask
+
+    def check(self, idx):
+        """Decode one pair's mask and the image's header: the errors training would hit, before it starts."""
+        try:
+            with Image.open(self.pairs[idx][0]) as im:
+                size = im.size
+        except Exception as e:
+            raise DataError(f"cannot decode image {self.pairs[idx][0]}: {e}") from None
+        self._mask(idx, size)
+
+
+class SyntheticSegmentation(torch.utils.data.Dataset):
+    """data.py's procedural scenes with their masks (0 = background, 1..8 = shapes); one seed per split."""
+
+    def __init__(self, length, size, seed, transform=None):
+        self.scenes = SyntheticScenes(length, size=size, seed=seed, with_mask=True)
+        self.classes, self.transform = DATASETS["synthetic"]["classes"], transform
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, idx):
+        image, mask = self.scenes[idx]
+        return self.transform(image, mask) if self.transform else (image, mask)
+
+    def check(self, idx):
+        pass  # generated, valid by construction
+
+
+def find_folder(root, names, what):
+    """The first folder under `root` (searched breadth-first, sorted) whose name is one of `names`: the official
+    archives unpack with one or two extra levels depending on the tool."""
+    level = [root]
+    while level:
+        for d in level:
+            if os.path.basename(os.path.normpath(d)) in names:
+                return d
+        level = [os.path.join(d, e) for d in level for e in sorted(os.listdir(d)) if os.path.isdir(os.path.join(d, e))]
+    raise DataError(f"--data-root {root}: no folder named {' or '.join(names)} ({what})")
+
+
+def files_under(folder, extensions):
+    """Every file under `folder` (recursive, sorted) whose name ends in one of `extensions` (lower case)."""
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder, followlinks=True) for f in fs
+                  if f.lower().endswith(extensions))
+
+
+def pair_by_stem(images, masks, mask_stem, where):
+    """Pair each image with the mask whose file stem is mask_stem(image stem); an image without one is an error."""
+    by_stem = {os.path.splitext(os.path.basename(m))[0]: m for m in masks}
+    pairs = []
+    for image in images:
+        stem = mask_stem(os.path.splitext(os.path.basename(image))[0])
+        if stem not in by_stem:
+            raise DataError(f"image {image} has no mask (expected {stem}.* under {where})")
+        pairs.append((image, by_stem[stem]))
+    return pairs
+
+
+def existing_pairs(pairs):
+    """`pairs`, after checking that every file exists."""
+    for image, mask in pairs:
+        if not os.path.isfile(image):
+            raise DataError(f"image {image} is listed but missing")
+        if not os.path.isfile(mask):
+            raise DataError(f"image {image} has no mask (expected {mask})")
+    return pairs
+
+
+def voc_pairs(root, split):
+    """Pascal VOC 2012 with SBD, mmseg's voc12aug layout under VOCdevkit/VOC2012: train = train.txt (masks in
+    SegmentationClass) + aug.txt (SBD masks in SegmentationClassAug) = 10582 images; val and test = val.txt
+    (1449; the test labels are not public and the paper reports val2012)."""
+    if not os.path.isdir(os.path.join(root, "JPEGImages")) and os.path.isdir(os.path.join(root, "VOC2012")):
+        root = os.path.join(root, "VOC2012")
+    lists = os.path.join(root, "ImageSets", "Segmentation")
+    if split == "train":
+        sources = [("train.txt", "SegmentationClass")]
+        if os.path.isfile(os.path.join(lists, "aug.txt")):
+            sources.append(("aug.txt", "SegmentationClassAug"))
+        elif du.is_main():
+            print(f"note: no {os.path.join(lists, 'aug.txt')}: training on VOC train.txt only, without the SBD "
+                  "images (see README_finetune.md)", flush=True)
+    else:
+        sources = [("val.txt", "SegmentationClass")]
+    pairs = {}
+    for list_name, mask_dir in sources:
+        path = os.path.join(lists, list_name)
+        if not os.path.isfile(path):
+            raise DataError(f"--data-root {root}: no list file {path} (VOC 2012 layout, see README_finetune.md)")
+        with open(path) as f:
+            for name in (line.split()[0] for line in f if line.strip()):
+                pairs.setdefault(name, (os.path.join(root, "JPEGImages", name + ".jpg"),
+                                        os.path.join(root, mask_dir, name + ".png")))
+    return existing_pairs(list(pairs.values()))
+
+
+def cityscapes_pairs(root, split):
+    """Cityscapes fine annotations: leftImg8bit/{split}/CITY/*_leftImg8bit.png with
+    gtFine/{split}/CITY/*_gtFine_labelIds.png; test = val (the test labels are not public; the paper reports
+    val.fine)."""
+    split = "val" if split == "test" else split
+    image_dir = os.path.join(root, "leftImg8bit", split)
+    if not os.path.isdir(image_dir):
+        raise DataError(f"--data-root {root}: no folder {image_dir} (Cityscapes layout, see README_finetune.md)")
+    images = [f for f in files_under(image_dir, (".png",)) if f.endswith("_leftImg8bit.png")]
+    pairs = [(f, os.path.join(root, "gtFine", split, os.path.relpath(f, image_dir))
+              .replace("_leftImg8bit.png", "_gtFine_labelIds.png")) for f in images]
+    return existing_pairs(pairs)
+
+
+ISIC_FOLDERS = {"train": ("ISIC-2017_Training_Data", "ISIC-2017_Training_Part1_GroundTruth"),
+                "val": ("ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part1_GroundTruth"),
+                "test": ("ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth")}
+
+
+def isic2017_pairs(root, split):
+    """ISIC 2017 Part 1, the official archives unpacked anywhere under the root: ISIC_nnnnnnn.jpg in
+    ISIC-2017_{Training,Validation,Test_v2}_Data (the *_superpixels.png beside them are not images of the task)
+    and ISIC_nnnnnnn_segmentation.png in the matching *_Part1_GroundTruth folder."""
+    image_name, mask_name = ISIC_FOLDERS[split]
+    image_dir = find_folder(root, (image_name,), "ISIC 2017 layout, see README_finetune.md")
+    mask_dir = find_folder(root, (mask_name,), "ISIC 2017 layout, see README_finetune.md")
+    return pair_by_stem(files_under(image_dir, (".jpg", ".jpeg")), files_under(mask_dir, (".png",)),
+                        lambda stem: stem + "_segmentation", mask_dir)
+
+
+REFUGE_FOLDERS = {"train": (("Training400", "REFUGE-Training400"), ("Annotation-Training400",)),
+                  "val": (("REFUGE-Validation400",), ("REFUGE-Validation400-GT",)),
+                  "test": (("Test400", "REFUGE-Test400"), ("REFUGE-Test-GT",))}
+
+
+def refuge_pairs(root, split):
+    """REFUGE (2018), the six official archives unpacked under the root: fundus .jpg files under Training400
+    (Glaucoma/, Non-Glaucoma/), REFUGE-Validation400, Test400; the Disc_Cup_Masks .bmp of the same stem under
+    Annotation-Training400, REFUGE-Validation400-GT, REFUGE-Test-GT."""
+    image_names, mask_names = REFUGE_FOLDERS[split]
+    image_dir = find_folder(root, image_names, "REFUGE layout, see README_finetune.md")
+    mask_dir = find_folder(root, mask_names, "REFUGE layout, see README_finetune.md")
+    return pair_by_stem(files_under(image_dir, (".jpg", ".jpeg", ".png")), files_under(mask_dir, (".bmp", ".png")),
+                        lambda stem: stem, mask_dir)
+
+
+def folder_pairs(root, split):
+    """Any dataset as images/{split}/NAME.ext (any image type, sub-folders allowed) + masks/{split}/NAME.png
+    holding class ids 0..K-1 (255 = ignore)."""
+    image_dir, mask_dir = os.path.join(root, "images", split), os.path.join(root, "masks", split)
+    if not os.path.isdir(image_dir):
+        raise DataError(f"--data-root {root}: no folder {image_dir} (images/ + masks/ layout, see README_finetune.md)")
+    images = files_under(image_dir, IMAGE_EXTENSIONS)
+    if not images:
+        raise DataError(f"--data-root {root}: no images in {image_dir}")
+    pairs = [(f, os.path.join(mask_dir, os.path.splitext(os.path.relpath(f, image_dir))[0] + ".png")) for f in images]
+    return existing_pairs(pairs)
+
+
+def build_dataset(name, split, root=None, num_classes=None, synthetic_lengths=(256, 32, 64), synthetic_size=128):
+    """The `split` ('train', 'val' or 'test') of dataset `name`, untransformed: items are (PIL image, mask ids).
+    Raises DataError (one line, naming the flag or file) for a missing root, folder, image or mask."""
+    if name == "synthetic":
+        length = dict(zip(("train", "val", "test"), synthetic_lengths))[split]
+        return SyntheticSegmentation(length, synthetic_size, SYNTHETIC_SPLIT_SEEDS[split])
+    if root is None:
+        raise DataError(f"--data-root is required for --dataset {name}")
+    if not os.path.isdir(root):
+        raise DataError(f"--data-root {root}: no such folder")
+    if name == "folder":
+        if num_classes is None:
+            raise DataError("--num-classes is required for --dataset folder")
+        return LabelledImages(folder_pairs(root, split), [f"class{k}" for k in range(num_classes)],
+                              class_id_lut(num_classes))
+    lister, lut, grey = {"voc": (voc_pairs, class_id_lut(len(VOC_CLASSES)), False),
+                         "cityscapes": (cityscapes_pairs, cityscapes_lut(), False),
+                         "isic2017": (isic2017_pairs, isic_lut(), True),
+                         "refuge": (refuge_pairs, refuge_lut(), True)}[name]
+    pairs = lister(root, split)
+    if not pairs:
+        raise DataError(f"--data-root {root}: no {split} images found for --dataset {name}")
+    return LabelledImages(pairs, DATASETS[name]["classes"], lut, grey)
+
+
+def check_dataset(dataset, indices=None, threads=8):
+    """Decode every mask among `indices` (default all; sharded over ranks) and compare its size with the image's,
+    so a bad file stops the run before training rather than hours in. Raises the first DataError in index order."""
+    indices = list(range(len(dataset)) if indices is None else indices)[du.rank()::du.world_size()]
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes with the GIL released
+        for _ in pool.map(dataset.check, indices):
+            pass
+
+
+class Transformed(torch.utils.data.Dataset):
+    """dataset[indices[i]] passed through transform(image, mask)."""
+
+    def __init__(self, dataset, transform, indices=None):
+        self.dataset, self.transform = dataset, transform
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.transform(*self.dataset[self.indices[i]])
+
+
+def to_tensor(image):
+    """PIL RGB -> (3, H, W) float, ImageNet-normalized (what the encoder was pre-trained on)."""
+    return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+
+
+class EvalTransform:
+    """Test pipeline: image resized so its short side is `base_size` (None: kept), normalized -> (3, h, w); the
+    mask stays at native size -> (H, W) int64, as mmseg scores predictions resized back to the original."""
+
+    def __init__(self, base_size=None):
+        self.base_size = base_size
+
+    def __call__(self, image, mask):
+        if self.base_size:
+            w, h = image.size
+            s = self.base_size / min(w, h)
+            image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+        return to_tensor(image), torch.from_numpy(np.asarray(mask, dtype=np.int64))

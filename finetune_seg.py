@@ -29,10 +29,10 @@ from PIL import Image
 from tqdm import tqdm
 
 import distributed as du
-from data import seed_worker
-from eval import (DATASETS, IGNORE_INDEX, TEST_IS_VAL, EvalTransform, Segmenter, Transformed, as_percent,
-                  build_dataset, check_dataset, eval_geometry, evaluate, score_table, to_tensor)
-from models import load_pretrained
+from data import (DATASETS, IGNORE_INDEX, TEST_IS_VAL, EvalTransform, Transformed, build_dataset, check_dataset,
+                  seed_worker, to_tensor)
+from eval import as_percent, eval_geometry, evaluate, score_table
+from models import Segmenter, load_pretrained
 from pretrain import SeededAugment, save_checkpoint
 
 # The paper's schedule per dataset (Sec. 3.4) and the crops of the mmseg configs it follows (MoCo/SlotCon's
@@ -504,7 +504,7 @@ def main(args):
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {du.world_size()} processes")
     try:
         pretrained, datasets = prepare(args)
-    except ValueError as e:  # eval.DataError included
+    except ValueError as e:  # data.DataError included
         raise SystemExit(f"error: {e}") from None
     os.makedirs(args.output_dir, exist_ok=True)
     if not os.access(args.output_dir, os.W_OK):

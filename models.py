@@ -1,4 +1,5 @@
-"""Networks: ResNet taps, FCN and FPN decoders, SlotCon / DenseCL auxiliary layers, and the DeCon module.
+"""Networks: ResNet taps, FCN and FPN decoders, SlotCon / DenseCL auxiliary layers, the DeCon module, and the
+downstream segmentation network (Segmenter).
 
 Parameter names follow the libraries users export to: torchvision for the ResNet (`conv1`, `layer1.0.conv1`),
 mmseg's FCNHead for the FCN (`convs.0.conv`, `convs.0.bn`), Detectron2's FPN (`fpn_lateral2`, `fpn_output2.norm`).
@@ -373,6 +374,76 @@ class DeCon(nn.Module):
         loss = decon_loss(l_enc, l_dec, self.alpha)
         logs = {"loss": loss, "loss_enc": l_enc, "loss_dec": l_dec, **{f"loss_{lvl}": losses[lvl] for lvl in losses}}
         return loss, {k: v.detach() for k, v in logs.items() if v is not None}
+
+
+# ---------------------------------------------------------------- downstream segmentation network
+# (finetune_seg.py and eval.py)
+
+class FCNHead(FCNDecoder):
+    """mmseg's FCNHead as the paper fine-tunes it: the pre-trainable body (two 3x3 convs, 256 ch, dilation 6,
+    `convs.*`) + a dropout-free 1x1 classifier `conv_seg`. mmseg's names, so a `decode_head.*` file loads as is.
+    (c2, c3, c4, c5) -> (B, K, h5, w5)."""
+
+    def __init__(self, in_channels, num_classes, channels=256):
+        super().__init__(in_channels, channels)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        nn.init.normal_(self.conv_seg.weight, std=0.01)  # mmseg's classifier init
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def forward(self, feats):
+        return self.conv_seg(super().forward(feats)["fcn"])
+
+
+class FPNHead(FPNDecoder):
+    """The pre-trainable FPN with all four outputs (`fpn_lateral*`, `fpn_output*`) + a light Semantic-FPN merge:
+    each p_s through a 3x3 conv-BN-ReLU to `merge_channels`, upsampled bilinearly to p2's size, summed, then the
+    1x1 classifier `conv_seg`. The merge convs put a non-linearity after the FPN's linear conv+BN outputs.
+    (c2, c3, c4, c5) -> (B, K, H/4, W/4)."""
+
+    def __init__(self, in_channels, num_classes, channels=256, merge_channels=128):
+        super().__init__(in_channels, channels, deep_supervision=True)
+        self.scale_heads = nn.ModuleList(ConvModule(channels, merge_channels, 3) for _ in range(4))
+        self.conv_seg = nn.Conv2d(merge_channels, num_classes, 1)
+        nn.init.normal_(self.conv_seg.weight, std=0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def forward(self, feats):
+        p = super().forward(feats)
+        size = p["p2"].shape[-2:]
+        merged = sum(F.interpolate(head(p[f"p{s}"]), size=size, mode="bilinear", align_corners=False)
+                     for s, head in zip((2, 3, 4, 5), self.scale_heads))
+        return self.conv_seg(merged)
+
+
+class Segmenter(nn.Module):
+    """ResNet encoder + FCN or FPN head: (B, 3, H, W) -> logits (B, K, H, W), upsampled bilinearly.
+
+    FCN on ResNet-50 runs on a dilated c5 (output stride 16), as mmseg's fcn_d6_r50-d16 configs of MoCo and SlotCon;
+    torchvision's BasicBlock cannot dilate, so ResNet-18/34 keep stride 32. Dilation changes no parameter shape,
+    so the pre-trained (stride-32) weights load unchanged.
+    """
+
+    def __init__(self, arch="resnet50", decoder="fcn", num_classes=21):
+        super().__init__()
+        if arch not in ARCH_CHANNELS:
+            raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCH_CHANNELS)}")
+        if decoder not in ("fcn", "fpn"):
+            raise ValueError(f"unknown decoder {decoder!r}; choose fcn or fpn")
+        dilate = decoder == "fcn" and arch == "resnet50"
+        self.arch, self.decoder, self.num_classes = arch, decoder, num_classes
+        self.output_stride = 16 if dilate else 32
+        self.backbone = Backbone(arch, dilate_c5=dilate)
+        c = self.backbone.channels
+        self.decode_head = FCNHead(c[3], num_classes) if decoder == "fcn" else FPNHead(c, num_classes)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        pad_h, pad_w = (-h % 32, -w % 32) if self.decoder == "fpn" else (0, 0)
+        if pad_h or pad_w:  # the FPN's x2 top-down upsampling needs sides that are multiples of 32
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        logits = self.decode_head(self.backbone(x))
+        logits = F.interpolate(logits.float(), size=(h + pad_h, w + pad_w), mode="bilinear", align_corners=False)
+        return logits[..., :h, :w]
 
 
 def count_parameters(module):

@@ -5,7 +5,6 @@
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys

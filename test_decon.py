@@ -30,10 +30,10 @@ import finetune_seg as ft
 import losses
 import models
 import pretrain
-from eval import (IGNORE_INDEX, DataError, EvalTransform, Segmenter, Transformed, build_dataset, check_dataset,
-                  confusion_matrix, evaluate, predict, segmentation_scores, window_starts)
+from data import IGNORE_INDEX, DataError, EvalTransform, Transformed, build_dataset, check_dataset
+from eval import confusion_matrix, evaluate, predict, segmentation_scores, window_starts
 from eval import get_args_parser as eval_parser, main as eval_main
-from models import DeCon
+from models import DeCon, Segmenter
 from pretrain import build_model as build_decon
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torchvision
 from PIL import Image
 
+import bench
 import convert
 import data
 import finetune_seg as ft
@@ -1554,7 +1555,8 @@ def fake_pretraining(path, decoder="fcn", deep_supervision=False, framework="slo
     whose teacher differs from its student, so that loaded tensors and the branch can be told apart."""
     a = argparse.Namespace(framework=framework, arch="resnet18", decoder=decoder, dropout=0.0,
                            alpha=0.5 if decoder != "none" else 1.0, deep_supervision=deep_supervision, dim_hidden=16,
-                           dim_out=8, num_prototypes=4, num_prototypes_dec=None, queue_size=32)
+                           dim_out=8, num_prototypes=4, num_prototypes_dec=None, queue_size=32,
+                           checkpoint_heads=False, batch_views=False)
     torch.manual_seed(123)
     model = build_decon(a)
     with torch.no_grad():
@@ -1715,3 +1717,96 @@ def test_short_finetune_beats_the_untrained_model_and_eval_reproduces_it(tmp_pat
     assert 100 * scores["miou"] == pytest.approx(saved["miou_mean"], abs=1e-3)
     report = json.loads((out / "seed0.synthetic-test.json").read_text())
     assert report["miou"] == pytest.approx(saved["miou_mean"], abs=1e-3)
+
+
+# ================================================================ Tests of the speed options (checkpoint_heads, batch_views) and of bench.py.
+
+TINY_DECON = dict(arch="resnet18", dim_hidden=32, dim_out=16, num_prototypes=8, queue_size=32)
+
+
+def tiny_decon(framework, **options):
+    """ML-FPN at test size without skip dropout, seeded, so that two builds have the same weights."""
+    torch.manual_seed(0)
+    alpha = 0.0 if framework == "slotcon" else 0.5
+    return models.DeCon(framework, decoder="fpn", alpha=alpha, deep_supervision=True, dropout=0.0,
+                        **TINY_DECON, **options)
+
+
+def synthetic_inputs(n=4, size=32):
+    g = torch.Generator().manual_seed(1)
+    crops = [torch.randn(n, 3, size, size, generator=g) for _ in (0, 1)]
+    lo, hi = torch.rand(2, n, 2, generator=g) * 0.4, 0.6 + torch.rand(2, n, 2, generator=g) * 0.4
+    return crops, torch.cat([lo, hi], 2), torch.rand(2, n, generator=g) < 0.5
+
+
+def step_and_grads(model):
+    """Loss, student gradients, state dict after backward, and the bytes autograd saved in the forward."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = model(*synthetic_inputs(), 0.99)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, {k: v.clone() for k, v in model.state_dict().items()}, sum(saved.values())
+
+
+@pytest.mark.parametrize("framework", ["slotcon", "densecl"])
+def test_checkpoint_heads_gives_the_same_loss_gradients_and_bn_statistics(framework):
+    loss, grads, state, saved = step_and_grads(tiny_decon(framework))
+    loss_c, grads_c, state_c, saved_c = step_and_grads(tiny_decon(framework, checkpoint_heads=True))
+    assert saved_c < saved  # the head activations were not stored
+    torch.testing.assert_close(loss_c, loss, rtol=0, atol=1e-5)
+    assert grads_c.keys() == grads.keys() and any(k.startswith("student.heads.p2") for k in grads)
+    for k in grads:
+        torch.testing.assert_close(grads_c[k], grads[k], rtol=0, atol=1e-5, msg=k)
+    for k in state:  # the recompute in backward did not update the BatchNorm running statistics again
+        torch.testing.assert_close(state_c[k], state[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_batch_views_is_per_view_without_batch_statistics_and_differs_with_them():
+    per_view, batched = tiny_decon("slotcon"), tiny_decon("slotcon", batch_views=True)
+    for m in (per_view, batched):
+        m.eval()  # BatchNorm from running statistics: each image is computed independently of the batch
+    loss, grads, _, _ = step_and_grads(per_view)
+    loss_b, grads_b, _, _ = step_and_grads(batched)
+    torch.testing.assert_close(loss_b, loss, rtol=1e-5, atol=1e-5)
+    for k in grads:
+        torch.testing.assert_close(grads_b[k], grads[k], rtol=1e-4, atol=1e-5, msg=k)
+    loss_train, _, _, _ = step_and_grads(tiny_decon("slotcon"))
+    loss_train_b, _, _, _ = step_and_grads(tiny_decon("slotcon", batch_views=True))
+    assert torch.isfinite(loss_train_b)
+    assert abs(loss_train_b.item() - loss_train.item()) > 1e-6  # statistics over 2B images, not B
+
+
+def test_bench_runs_a_tiny_config_and_writes_json(tmp_path):
+    out = tmp_path / "out.json"
+    parser = bench.get_args_parser()
+    a = parser.parse_args(["--variants", "ml-fpn", "--arch", "resnet18", "--image-size", "32", "--batch-size", "2",
+                           "--steps", "1", "--warmup", "0", "--dim-hidden", "32", "--num-prototypes", "8",
+                           "--baseline", "--checkpoint-heads", "--json", str(out)])
+    bench.main(bench.check_args(a, parser))
+    records = json.loads(out.read_text())
+    assert [(r["variant"], r["config"]) for r in records] == [
+        ("ml-fpn", "authors (fp32)"), ("ml-fpn", "bf16+channels_last+ckpt_heads")]
+    for r in records:
+        assert {"variant", "config", "img_per_s", "ms_per_step", "peak_mem_mb", "gflop_per_img"} <= set(r)
+        assert r["img_per_s"] > 0 and r["ms_per_step"] > 0 and r["peak_mem_mb"] > 0
+        assert sum(r["flop_share"].values()) == pytest.approx(1.0)
+        assert r["flop_share"]["encoder"] > 0 and r["flop_share"]["decoder"] > 0
+        assert set(r["head_flop_share"]) == {"p2 head", "p2 predictor", "p3 head", "p3 predictor", "p4 head",
+                                             "p4 predictor", "p5 head", "p5 predictor"}
+    base, ours = records
+    assert ours["speedup_vs_baseline"] == pytest.approx(ours["img_per_s"] / base["img_per_s"])
+    # the checkpointed heads run their forward twice: 4/3 of the student heads' FLOPs
+    assert ours["gflop_per_img"] > base["gflop_per_img"]
+
+
+def test_bench_rejects_unknown_variants_before_work(capsys):
+    parser = bench.get_args_parser()
+    with pytest.raises(SystemExit):
+        bench.check_args(parser.parse_args(["--variants", "ml-fpn,dino"]), parser)
+    assert "--variants: unknown dino" in capsys.readouterr().err

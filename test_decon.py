@@ -15,6 +15,7 @@ import pickle
 import random
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -1810,3 +1811,57 @@ def test_bench_rejects_unknown_variants_before_work(capsys):
     with pytest.raises(SystemExit):
         bench.check_args(parser.parse_args(["--variants", "ml-fpn,dino"]), parser)
     assert "--variants: unknown dino" in capsys.readouterr().err
+
+
+# ================================================================ Tests of reproduce.py. One --quick run end to end (about a minute on 2 idle
+
+ROWS = [("Random init", "none"), ("SlotCon", "encoder"), ("DeCon-SL-SlotCon-FPN", "encoder"),
+        ("DeCon-SL-SlotCon-FPN", "encoder+decoder"), ("DeCon-ML-SlotCon-FPN", "encoder"),
+        ("DeCon-ML-SlotCon-FPN", "encoder+decoder")]
+
+
+def _reproduce(out):
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "reproduce.py"), "--quick", "--output-dir", str(out)],
+                          capture_output=True, text=True, cwd=HERE)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout, time.perf_counter() - t
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    stdout, seconds = _reproduce(out)
+    return out, stdout, seconds
+
+
+def test_reproduce_quick_writes_table7_shaped_results(quick_run):
+    out, stdout, _ = quick_run
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 3 + 6 * 3 + 1 and all("done in" in line for line in lines[:-1])  # one line per stage
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert results["fractions"] == [0.05, 0.25, 1.0]
+    assert [(r["pretraining"], r["transfer"]) for r in results["table"]] == ROWS
+    for row in results["table"]:
+        assert len(row["cells"]) == 3
+        for cell in row["cells"]:
+            assert math.isfinite(cell["mean"]) and 0 <= cell["mean"] <= 100 and cell["std"] >= 0
+    assert len(results["stages"]) == 21 and all(s["command"].startswith("python ") for s in results["stages"])
+    md = (out / "results.md").read_text()
+    assert "| pre-training | transfer | 5 % | 25 % | 100 % |" in md
+    table = [line for line in md.splitlines() if line.startswith("| ") and "+-" in line]
+    assert [tuple(c.strip() for c in line.split("|")[1:3]) for line in table] == ROWS
+    assert "python pretrain.py --framework slotcon --decoder fpn --alpha 0 --dropout 0.5" in md
+
+
+def test_reproduce_reuses_finished_stages(quick_run):
+    out, _, first = quick_run
+    before = (out / "finetune" / "random-init-none-0.05" / "results.json").stat().st_mtime_ns
+    stdout, second = _reproduce(out)
+    lines = stdout.strip().splitlines()
+    assert all("reused" in line for line in lines[:-1]) and len(lines) == 22
+    assert (out / "finetune" / "random-init-none-0.05" / "results.json").stat().st_mtime_ns == before
+    assert second < first / 5
+    with open(out / "results.json") as f:
+        assert len(json.load(f)["table"]) == 6

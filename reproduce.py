@@ -1,0 +1,241 @@
+"""Reproduce the shape of the paper's Table 7 on the built-in synthetic scenes: pre-train (none, SlotCon, DeCon-SL,
+DeCon-ML), fine-tune with 5 / 25 / 100 % of the labels, transfer the encoder or the encoder and decoder, average
+over seeds, and write `results.md` and `results.json` to --output-dir.
+
+Every stage is a subprocess (`pretrain.py`, `finetune_seg.py`) whose exact command, runtime and log are kept in
+its folder; a stage whose output exists is reused, so an interrupted run continues where it stopped (a pre-training
+cut mid-way resumes from its `last.pt`). The defaults fit about an hour on 2 CPU cores; flags scale them up:
+
+    python reproduce.py                                   # ResNet-18, 64 px, ~1 h on 2 CPU cores
+    python reproduce.py --quick --output-dir /tmp/rq      # tiny everything, a smoke test
+    python reproduce.py --device cuda --arch resnet50 --image-size 224 --pretrain-steps 5000 --finetune-iters 2000 \
+        --finetune-decoder fcn --pretrain-batch 256 --finetune-batch 16 --densecl
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+QUICK = dict(arch="resnet18", image_size=32, pretrain_steps=2, pretrain_batch=4, pretrain_epochs=1,
+             dim_hidden=32, num_prototypes=4, finetune_iters=3, finetune_batch=2, synthetic_train=40,
+             synthetic_test=4, seeds=[0], workers=0, jobs=2)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("DeCon: Table 7 at small scale", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--output-dir", default="runs/reproduce", help="stages, results.md and results.json go here")
+    a("--quick", action="store_true", help="tiny everything and one seed: a smoke test of the pipeline")
+    a("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+    a("--image-size", type=int, default=64, help="pre-training crops, fine-tuning scenes and crops (multiple of 32)")
+    a("--pretrain-steps", type=int, default=60, help="optimizer steps of each pre-training")
+    a("--pretrain-epochs", type=int, default=3, help="the steps are spread over this many passes over the scenes")
+    a("--pretrain-batch", type=int, default=32)
+    a("--dim-hidden", type=int, default=512, help="projector / predictor hidden width (paper 4096)")
+    a("--num-prototypes", type=int, default=32, help="SlotCon prototypes (paper 256)")
+    a("--alpha", type=float, default=0.5, help="DeCon-SL encoder loss weight (Table 7 uses 0.5)")
+    a("--densecl", action="store_true", help="also DenseCL and DeCon-SL-DenseCL")
+    a("--finetune-decoder", default="fpn", choices=["fcn", "fpn"],
+      help="segmentation head; also the DeCon-SL decoder, so that encoder+decoder transfer applies. The paper "
+           "fine-tunes an FCN on a dilated ResNet-50; ResNet-18 cannot dilate and its stride-32 FCN learns only "
+           "the background at 64 px, hence fpn by default")
+    a("--finetune-iters", type=int, default=120)
+    a("--finetune-batch", type=int, default=8)
+    a("--finetune-lr", type=float, default=0.02)
+    a("--synthetic-train", type=int, default=256, help="labelled training scenes (5 %% = 13)")
+    a("--synthetic-test", type=int, default=64)
+    a("--fractions", type=float, nargs="+", default=[0.05, 0.25, 1.0])
+    a("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    a("--workers", type=int, default=1, help="data-loading processes of each stage (fine-tuning uses 0 below 2)")
+    a("--jobs", type=int, default=1, help="stages run at once (independent pre-trainings, then fine-tunes)")
+    a("--threads", type=int, default=1,
+      help="OMP_NUM_THREADS of each stage (0: inherit); on a shared 2-core machine 1 thread ran 3x faster than 2")
+    a("--device", default=None, choices=["cuda", "cpu"])
+    return p
+
+
+def finalize(args):
+    """--quick overrides the sizes; the rest is validated before any work starts."""
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    if args.image_size % 32:
+        raise SystemExit(f"error: --image-size {args.image_size} is not a multiple of 32 (the FPN needs it)")
+    if not all(0 < f <= 1 for f in args.fractions):
+        raise SystemExit(f"error: --fractions {args.fractions}: each must be in (0, 1]")
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs {args.jobs}: must be at least 1")
+    if not 0 < args.alpha < 1:
+        raise SystemExit(f"error: --alpha {args.alpha}: DeCon-SL needs 0 < alpha < 1")
+    return args
+
+
+def pretrainings(args):
+    """(name, decoder pre-trained or None, pretrain.py flags); name 'none' is random init (no stage)."""
+    sl_dec = args.finetune_decoder
+    sl = ["--decoder", sl_dec, "--alpha", str(args.alpha)] + (["--no-deep-supervision"] if sl_dec == "fpn" else [])
+    out = [("Random init", None, None),
+           ("SlotCon", None, ["--framework", "slotcon", "--decoder", "none"]),
+           (f"DeCon-SL-SlotCon-{sl_dec.upper()}", sl_dec, ["--framework", "slotcon"] + sl),
+           ("DeCon-ML-SlotCon-FPN", "fpn", ["--framework", "slotcon", "--decoder", "fpn", "--alpha", "0",
+                                            "--dropout", "0.5"])]
+    if args.densecl:
+        out += [("DenseCL", None, ["--framework", "densecl", "--decoder", "none"]),
+                (f"DeCon-SL-DenseCL-{sl_dec.upper()}", sl_dec, ["--framework", "densecl"] + sl)]
+    return out
+
+
+def rows(args):
+    """Table rows: (pre-training name, its decoder, transfer). Encoder+decoder only where the decoders match."""
+    out = []
+    for name, decoder, _ in pretrainings(args):
+        out.append((name, decoder, "encoder" if decoder or name != "Random init" else "none"))
+        if decoder == args.finetune_decoder:
+            out.append((name, decoder, "encoder+decoder"))
+    return out
+
+
+def slug(name):
+    return name.lower().replace(" ", "-")
+
+
+def pretrain_command(args, flags, out_dir):
+    images = math.ceil(args.pretrain_steps / args.pretrain_epochs) * args.pretrain_batch
+    cmd = [sys.executable, os.path.join(HERE, "pretrain.py"), *flags, "--arch", args.arch,
+           "--image-size", str(args.image_size), "--batch-size", str(args.pretrain_batch),
+           "--epochs", str(args.pretrain_epochs), "--max-steps", str(args.pretrain_steps),
+           "--warmup-epochs", str(min(1.0, args.pretrain_epochs / 4)), "--synthetic-images", str(images),
+           "--dim-hidden", str(args.dim_hidden), "--num-prototypes", str(args.num_prototypes),
+           "--workers", str(args.workers), "--log-every", "5", "--output-dir", out_dir]
+    if "densecl" in flags:  # the dictionary must not outgrow what a short run can fill
+        cmd += ["--queue-size", str(max(args.pretrain_batch, 8 * args.pretrain_batch))]
+    return cmd + (["--device", args.device] if args.device else [])
+
+
+def finetune_command(args, pretrained, transfer, fraction, out_dir):
+    cmd = [sys.executable, os.path.join(HERE, "finetune_seg.py"), "--dataset", "synthetic",
+           "--decoder", args.finetune_decoder, "--arch", args.arch, "--fraction", str(fraction),
+           "--seeds", *map(str, args.seeds), "--iters", str(args.finetune_iters),
+           "--batch-size", str(args.finetune_batch), "--lr", str(args.finetune_lr),
+           "--synthetic-size", str(args.image_size), "--crop-size", str(args.image_size),
+           "--synthetic-train", str(args.synthetic_train), "--synthetic-test", str(args.synthetic_test),
+           "--eval-every", "0", "--workers", str(args.workers if args.workers >= 2 else 0), "--output-dir", out_dir]
+    if pretrained:
+        cmd += ["--pretrained", pretrained, "--transfer", transfer]
+    return cmd + (["--device", args.device] if args.device else [])
+
+
+def run_stage(label, cmd, out_dir, done_file, threads, progress):
+    """Run `cmd` unless `done_file` exists; log to out_dir/stdout.log; record command and runtime in stage.json."""
+    stage_file = os.path.join(out_dir, "stage.json")
+    if os.path.exists(done_file) and os.path.exists(stage_file):
+        with open(stage_file) as f:
+            stage = json.load(f)
+        progress(f"{label}: reused ({stage['seconds']:.0f} s when run)")
+        return stage
+    os.makedirs(out_dir, exist_ok=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    t = time.perf_counter()
+    with open(os.path.join(out_dir, "stdout.log"), "a") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE).returncode
+    seconds = time.perf_counter() - t
+    if rc != 0 or not os.path.exists(done_file):
+        raise SystemExit(f"error: {label} failed (exit {rc}); see {os.path.join(out_dir, 'stdout.log')}")
+    shown = [os.path.relpath(c, HERE) if c.startswith(HERE) else c for c in cmd]
+    stage = {"command": shlex.join(["python"] + shown[1:]), "seconds": round(seconds, 1)}
+    with open(stage_file, "w") as f:
+        json.dump(stage, f, indent=2)
+    progress(f"{label}: done in {seconds:.0f} s")
+    return stage
+
+
+def markdown(args, table, stages, total_seconds):
+    fr = [f"{100 * f:g} %" for f in args.fractions]
+    lines = [f"# DeCon, Table 7 at small scale (synthetic scenes, {args.arch}, {args.image_size} px)", "",
+             f"Test mIoU (%), mean +- std (population) over seeds {args.seeds}; fine-tuned with a "
+             f"{args.finetune_decoder.upper()} head, {args.finetune_iters} iterations, batch {args.finetune_batch}, "
+             f"on {args.synthetic_train} labelled scenes x fraction.", "",
+             "| pre-training | transfer | " + " | ".join(fr) + " |", "|---|---|" + "---|" * len(fr)]
+    for row in table:
+        cells = [f"{c['mean']:.2f} +- {c['std']:.2f}" if c else "-" for c in row["cells"]]
+        lines.append(f"| {row['pretraining']} | {row['transfer']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Total runtime {total_seconds / 60:.1f} min (stages reused from an earlier run count their "
+              "original runtime).", "", "## Commands and runtimes", "", "| stage | seconds | command |",
+              "|---|---|---|"]
+    lines += [f"| {s['label']} | {s['seconds']:.0f} | `{s['command']}` |" for s in stages]
+    lines += ["", "Reproduce: `" + shlex.join(["python", "reproduce.py"] + sys.argv[1:]) + "`", ""]
+    return "\n".join(lines)
+
+
+def run_all(specs, args, progress):
+    """Run stages (label, cmd, out_dir, done_file), --jobs at a time (threads only wait on subprocesses)."""
+    def one(spec):
+        return {"label": spec[0], **run_stage(*spec, args.threads, progress)}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return list(pool.map(one, specs))
+
+
+def main(args):
+    os.makedirs(args.output_dir, exist_ok=True)
+    plan = [p for p in pretrainings(args) if p[2]]
+    table_rows = rows(args)
+    n = len(plan) + len(table_rows) * len(args.fractions)
+    count, lock = iter(range(1, n + 1)), threading.Lock()
+
+    def progress(message):
+        with lock:
+            print(f"[{next(count)}/{n}] {message}", flush=True)
+
+    t0, checkpoints, specs = time.perf_counter(), {}, []
+    for name, _, flags in plan:
+        out = os.path.join(args.output_dir, "pretrain", slug(name))
+        last = checkpoints[name] = os.path.join(out, "last.pt")
+        cmd = pretrain_command(args, flags, out)
+        if os.path.exists(last) and not os.path.exists(os.path.join(out, "stage.json")):
+            cmd += ["--resume", last]  # an interrupted pre-training continues from its last epoch
+        specs.append((f"pretrain {name}", cmd, out, last))
+    stages = run_all(specs, args, progress)
+
+    specs, cells = [], []
+    for fraction in args.fractions:  # the scarcest labels first: a cut run still answers the main question
+        for name, _, transfer in table_rows:
+            out = os.path.join(args.output_dir, "finetune", f"{slug(name)}-{transfer.replace('+', '-')}-{fraction:g}")
+            cmd = finetune_command(args, checkpoints.get(name), transfer, fraction, out)
+            specs.append((f"finetune {name} / {transfer} / {100 * fraction:g} %", cmd, out,
+                          os.path.join(out, "results.json")))
+            cells.append((name, transfer, fraction))
+    stages += run_all(specs, args, progress)
+
+    results = {}
+    for key, spec in zip(cells, specs):
+        with open(spec[3]) as f:
+            per_seed = {s["seed"]: s["miou"] for s in json.load(f)["seeds"]}
+        values = list(per_seed.values())
+        results[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "per_seed": per_seed}
+    table = [{"pretraining": name, "decoder": decoder, "transfer": transfer,
+              "cells": [results[(name, transfer, f)] for f in args.fractions]}
+             for name, decoder, transfer in table_rows]
+    total = sum(s["seconds"] for s in stages)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(markdown(args, table, stages, total))
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump({"fractions": args.fractions, "seeds": args.seeds, "units": "percent mIoU", "table": table,
+                   "stages": stages, "stage_seconds": round(total, 1),
+                   "wall_seconds": round(time.perf_counter() - t0, 1), "args": vars(args)}, f, indent=2)
+    print(f"wrote {os.path.join(args.output_dir, 'results.md')} ({total / 60:.1f} min of stages, "
+          f"{(time.perf_counter() - t0) / 60:.1f} min wall)", flush=True)
+    return table
+
+
+if __name__ == "__main__":
+    main(finalize(get_args_parser().parse_args()))

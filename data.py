@@ -475,14 +475,14 @@ def voc_pairs(root, split):
             sources.append(("aug.txt", "SegmentationClassAug"))
         elif du.is_main():
             print(f"note: no {os.path.join(lists, 'aug.txt')}: training on VOC train.txt only, without the SBD "
-                  "images (see README_finetune.md)", flush=True)
+                  "images (see README.md, 'Dataset layouts')", flush=True)
     else:
         sources = [("val.txt", "SegmentationClass")]
     pairs = {}
     for list_name, mask_dir in sources:
         path = os.path.join(lists, list_name)
         if not os.path.isfile(path):
-            raise DataError(f"--data-root {root}: no list file {path} (VOC 2012 layout, see README_finetune.md)")
+            raise DataError(f"--data-root {root}: no list file {path} (VOC 2012 layout, see README.md, 'Dataset layouts')")
         with open(path) as f:
             for name in (line.split()[0] for line in f if line.strip()):
                 pairs.setdefault(name, (os.path.join(root, "JPEGImages", name + ".jpg"),
@@ -497,7 +497,7 @@ def cityscapes_pairs(root, split):
     split = "val" if split == "test" else split
     image_dir = os.path.join(root, "leftImg8bit", split)
     if not os.path.isdir(image_dir):
-        raise DataError(f"--data-root {root}: no folder {image_dir} (Cityscapes layout, see README_finetune.md)")
+        raise DataError(f"--data-root {root}: no folder {image_dir} (Cityscapes layout, see README.md, 'Dataset layouts')")
     images = [f for f in files_under(image_dir, (".png",)) if f.endswith("_leftImg8bit.png")]
     pairs = [(f, os.path.join(root, "gtFine", split, os.path.relpath(f, image_dir))
               .replace("_leftImg8bit.png", "_gtFine_labelIds.png")) for f in images]
@@ -514,8 +514,8 @@ def isic2017_pairs(root, split):
     ISIC-2017_{Training,Validation,Test_v2}_Data (the *_superpixels.png beside them are not images of the task)
     and ISIC_nnnnnnn_segmentation.png in the matching *_Part1_GroundTruth folder."""
     image_name, mask_name = ISIC_FOLDERS[split]
-    image_dir = find_folder(root, (image_name,), "ISIC 2017 layout, see README_finetune.md")
-    mask_dir = find_folder(root, (mask_name,), "ISIC 2017 layout, see README_finetune.md")
+    image_dir = find_folder(root, (image_name,), "ISIC 2017 layout, see README.md, 'Dataset layouts'")
+    mask_dir = find_folder(root, (mask_name,), "ISIC 2017 layout, see README.md, 'Dataset layouts'")
     return pair_by_stem(files_under(image_dir, (".jpg", ".jpeg")), files_under(mask_dir, (".png",)),
                         lambda stem: stem + "_segmentation", mask_dir)
 
@@ -530,8 +530,8 @@ def refuge_pairs(root, split):
     (Glaucoma/, Non-Glaucoma/), REFUGE-Validation400, Test400; the Disc_Cup_Masks .bmp of the same stem under
     Annotation-Training400, REFUGE-Validation400-GT, REFUGE-Test-GT."""
     image_names, mask_names = REFUGE_FOLDERS[split]
-    image_dir = find_folder(root, image_names, "REFUGE layout, see README_finetune.md")
-    mask_dir = find_folder(root, mask_names, "REFUGE layout, see README_finetune.md")
+    image_dir = find_folder(root, image_names, "REFUGE layout, see README.md, 'Dataset layouts'")
+    mask_dir = find_folder(root, mask_names, "REFUGE layout, see README.md, 'Dataset layouts'")
     return pair_by_stem(files_under(image_dir, (".jpg", ".jpeg", ".png")), files_under(mask_dir, (".bmp", ".png")),
                         lambda stem: stem, mask_dir)
 
@@ -541,7 +541,7 @@ def folder_pairs(root, split):
     holding class ids 0..K-1 (255 = ignore)."""
     image_dir, mask_dir = os.path.join(root, "images", split), os.path.join(root, "masks", split)
     if not os.path.isdir(image_dir):
-        raise DataError(f"--data-root {root}: no folder {image_dir} (images/ + masks/ layout, see README_finetune.md)")
+        raise DataError(f"--data-root {root}: no folder {image_dir} (images/ + masks/ layout, see README.md, 'Dataset layouts')")
     images = files_under(image_dir, IMAGE_EXTENSIONS)
     if not images:
         raise DataError(f"--data-root {root}: no images in {image_dir}")

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
 import time
 
@@ -324,7 +325,6 @@ class StopFlag:
 
     def __init__(self):
         self.requested = False
-        import signal
         signal.signal(signal.SIGTERM, self._handler)
 
     def _handler(self, signum, frame):

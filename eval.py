@@ -221,8 +221,7 @@ def main(args):
         with open(out, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {out}")
-    if du.is_dist():
-        torch.distributed.destroy_process_group()
+    du.shutdown()
     return scores
 
 

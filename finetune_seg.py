@@ -534,8 +534,7 @@ def main(args):
         per_seed = ", ".join(f"{r['miou']:.2f}" for r in records)
         print(f"test mIoU over seeds {args.seeds}: {results['miou_mean']:.2f} +- {results['miou_std']:.2f} "
               f"({per_seed}); wrote {os.path.join(args.output_dir, 'results.json')}", flush=True)
-    if du.is_dist():
-        torch.distributed.destroy_process_group()
+    du.shutdown()
     return results
 
 

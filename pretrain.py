@@ -453,8 +453,8 @@ def main(args):
                 if du.is_main():
                     print(f"SIGTERM: saved {last_pt} at step {step}; continue with --resume {last_pt}",
                           file=sys.stderr, flush=True)
-                if du.is_dist():
-                    torch.distributed.destroy_process_group()
+                ddp = None
+                du.shutdown()
                 return
             if args.save_every and step % args.save_every == 0 and step % iters:
                 checkpoint(epoch)
@@ -464,8 +464,8 @@ def main(args):
     bar.close()
     if du.is_main():
         print(f"done: {step} steps ({skipped} skipped), checkpoint {last_pt}", flush=True)
-    if du.is_dist():
-        torch.distributed.destroy_process_group()
+    ddp = None
+    du.shutdown()
 
 
 if __name__ == "__main__":

@@ -651,10 +651,11 @@ def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 DDP_SCRIPT = r'''
-import os, sys
+import faulthandler, os, sys
+faulthandler.enable()  # a crash prints where it happened
 sys.path.insert(0, sys.argv[1])
 import torch, torch.nn as nn, torch.distributed as dist
-import pretrain
+import distributed as du, pretrain
 
 def per_sample_norm(module):  # the test-only switch: no batch statistics, so batch splits cannot matter
     for name, child in module.named_children():
@@ -707,7 +708,8 @@ for i, v in enumerate(VARIANTS):
         for n in bufs:
             torch.testing.assert_close(bufs[n], ref_bufs[n], rtol=1e-5, atol=1e-5, msg=n)
         print("EQUIVALENT", v[1], float(loss / 2), float(ref_loss), len(grads), flush=True)
-dist.destroy_process_group()
+    del ddp, model  # a DDP wrapper alive at exit can abort the process (see distributed.shutdown)
+du.shutdown()
 '''
 
 

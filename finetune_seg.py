@@ -390,7 +390,8 @@ def finetune(args, seed, datasets, pretrained, device, log):
     world = du.world_size()
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                foreach=True)  # one fused update on CPU too (torch picks it only on CUDA)
     lrs = poly_schedule(args.lr, args.iters, args.power, args.min_lr)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 

@@ -591,7 +591,6 @@ def _losses_by_step(path):
 
 
 def _wait_for_lines(path, n, proc, timeout=240):
-    import time
     t0 = time.time()
     while time.time() - t0 < timeout:
         if os.path.exists(path) and sum(1 for _ in open(path)) >= n:
@@ -1815,30 +1814,29 @@ def test_bench_rejects_unknown_variants_before_work(capsys):
     assert "--variants: unknown dino" in capsys.readouterr().err
 
 
-# ================================================================ Tests of reproduce.py. One --quick run end to end (about a minute on 2 idle
+# ================================================================ Tests of reproduce.py: one --quick run end to end (about a minute on
+# 2 idle cores), shared by the tests below, which rerun it to check what is reused.
 
 ROWS = [("Random init", "none"), ("SlotCon", "encoder"), ("DeCon-SL-SlotCon-FPN", "encoder"),
         ("DeCon-SL-SlotCon-FPN", "encoder+decoder"), ("DeCon-ML-SlotCon-FPN", "encoder"),
         ("DeCon-ML-SlotCon-FPN", "encoder+decoder")]
 
 
-def _reproduce(out):
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "reproduce.py"), "--quick", "--output-dir", str(out)],
-                          capture_output=True, text=True, cwd=HERE)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return proc.stdout, time.perf_counter() - t
+def _reproduce(out, *flags, rc=0):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "reproduce.py"), "--quick", "--output-dir", str(out),
+                           *flags], capture_output=True, text=True, cwd=HERE)
+    assert proc.returncode == rc, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
-    stdout, seconds = _reproduce(out)
-    return out, stdout, seconds
+    return out, _reproduce(out).stdout
 
 
 def test_reproduce_quick_writes_table7_shaped_results(quick_run):
-    out, stdout, _ = quick_run
+    out, stdout = quick_run
     lines = stdout.strip().splitlines()
     assert len(lines) == 3 + 6 * 3 + 1 and all("done in" in line for line in lines[:-1])  # one line per stage
     with open(out / "results.json") as f:
@@ -1857,13 +1855,37 @@ def test_reproduce_quick_writes_table7_shaped_results(quick_run):
     assert "python pretrain.py --framework slotcon --decoder fpn --alpha 0 --dropout 0.5" in md
 
 
+def _finetune_mtimes(out):
+    return {p.parent.name: p.stat().st_mtime_ns for p in (out / "finetune").glob("*/results.json")}
+
+
 def test_reproduce_reuses_finished_stages(quick_run):
-    out, _, first = quick_run
-    before = (out / "finetune" / "random-init-none-0.05" / "results.json").stat().st_mtime_ns
-    stdout, second = _reproduce(out)
-    lines = stdout.strip().splitlines()
+    out, _ = quick_run
+    before = _finetune_mtimes(out)
+    lines = _reproduce(out).stdout.strip().splitlines()
     assert all("reused" in line for line in lines[:-1]) and len(lines) == 22
-    assert (out / "finetune" / "random-init-none-0.05" / "results.json").stat().st_mtime_ns == before
-    assert second < first / 5
+    assert _finetune_mtimes(out) == before and len(before) == 18
     with open(out / "results.json") as f:
         assert len(json.load(f)["table"]) == 6
+
+
+def test_reproduce_refuses_stages_made_with_other_settings(quick_run):
+    out, _ = quick_run
+    before = _finetune_mtimes(out)
+    err = _reproduce(out, "--finetune-lr", "0.05", rc=1).stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "run with other settings" in err
+    assert "--lr 0.02" in err and "use another --output-dir or delete it" in err
+    assert _finetune_mtimes(out) == before  # refused before any work
+
+
+def test_reproduce_redoes_the_finetunes_of_a_redone_pretraining(quick_run):
+    out, _ = quick_run
+    before = _finetune_mtimes(out)
+    ckpt = out / "pretrain" / "slotcon" / "last.pt"
+    later = max(before.values()) + 10**9
+    os.utime(ckpt, ns=(later, later))  # as if SlotCon had been pre-trained again after its fine-tunes
+    lines = _reproduce(out).stdout.strip().splitlines()
+    redone = sorted(line.split("] ")[1].split(":")[0] for line in lines[:-1] if "done in" in line)
+    assert redone == [f"finetune SlotCon / encoder / {f} %" for f in ("100", "25", "5")]
+    after = _finetune_mtimes(out)
+    assert {k for k in after if after[k] != before[k]} == {f"slotcon-encoder-{f}" for f in ("0.05", "0.25", "1")}

@@ -106,10 +106,11 @@ class FPNDecoder(nn.Module):
     3x3 conv+BN outputs. Returns {"p2": (B,256,H/4,W/4), ..., "p5": (B,256,H/32,W/32)}, or only p2 when
     `deep_supervision` is off (DeCon-SL keeps only `fpn_output2`, like the authors' code).
 
-    Skip channel dropout (DeCon-ML, paper Sec. 3.2 "Channel dropout"): Dropout2d(p) on the skip paths of levels 2, 3, 4, never on c5 (the main
-    path). As in the authors' code it drops channels of the lateral-conv outputs, just before the sum with the
-    top-down path: the paper's "encoder outputs passed to the decoder" is the same skip path, taken after the
-    1x1 projection that makes it 256 wide. The teacher copy has it removed (see DeCon.__init__).
+    Skip channel dropout (DeCon-ML, paper Sec. 3.2 "Channel dropout"): Dropout2d(p) on the skip paths of levels
+    2, 3, 4, never on c5 (the main path). As in the authors' code it drops channels of the lateral-conv outputs,
+    just before the sum with the top-down path: the paper's "encoder outputs passed to the decoder" is the same
+    skip path, taken after the 1x1 projection that makes it 256 wide. The teacher copy has it removed (see
+    DeCon.__init__).
     """
 
     def __init__(self, in_channels=(256, 512, 1024, 2048), out_channels=256, deep_supervision=True, dropout=0.0):

@@ -56,6 +56,7 @@ def get_args_parser():
     a("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype of our configuration")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC model and inputs")
     a("--checkpoint-heads", action="store_true", help="activation checkpointing of the decoder-level heads")
+    a("--checkpoint-encoder", action="store_true", help="activation checkpointing of the student's ResNet stages")
     a("--batch-views", action="store_true", help="both views as one batch (changes BatchNorm statistics)")
     a("--compile", action="store_true", help="torch.compile the student and teacher branches")
     a("--baseline", action="store_true", help="also run the authors' configuration, interleaved, and report ratios")
@@ -79,6 +80,7 @@ def config_name(c):
         return f"authors ({c['precision']})"
     return "+".join([c["precision"]] + [n for n, on in (("channels_last", c["channels_last"]),
                                                          ("ckpt_heads", c["checkpoint_heads"]),
+                                                         ("ckpt_enc", c["checkpoint_encoder"]),
                                                          ("batch_views", c["batch_views"]),
                                                          ("compile", c["compile"])) if on])
 
@@ -110,6 +112,7 @@ class Run:
         args = variant_args(variant, a, "bf16" if cfg["precision"] == "bf16" else "fp32")
         torch.manual_seed(a.seed)
         args.checkpoint_heads, args.batch_views = cfg["checkpoint_heads"], cfg["batch_views"]
+        args.checkpoint_encoder = cfg["checkpoint_encoder"]
         model = pretrain.build_model(args).to(device)
         fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
         self.model = model.to(memory_format=fmt).train()
@@ -156,7 +159,7 @@ class Run:
     def count(self):
         """One step under FlopCounterMode: exact total FLOPs (forward + backward, recompute included), and the
         bytes autograd saves for backward. The per-part shares come from the forward's per-module counts,
-        weighted 3x for the student (forward + backward ~ 2x forward), 4x for checkpointed heads, 1x for the
+        weighted 3x for the student (forward + backward ~ 2x forward), 4x for checkpointed parts, 1x for the
         teacher: FlopCounterMode's backward attribution is unreliable for modules called several times."""
         params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         saved = {}  # storage -> bytes, for tensors saved for backward (alive until backward: no address reuse)
@@ -176,12 +179,14 @@ class Run:
         self.flops = counter.get_total_flops()
         m, share, counted = self.model, dict.fromkeys(PARTS, 0.0), 0
         levels = {f"{lvl} {kind}": 0.0 for lvl in m.levels for kind in ("head", "predictor")}
-        roots = [(f"DeCon.{b}.{part}", part, 1 if b == "teacher" else 3)
+        ckpt_enc = m.student.encoder.checkpoint_stages
+        roots = [(f"DeCon.{b}.{part}", part, 1 if b == "teacher" else 4 if part == "encoder" and ckpt_enc else 3)
                  for b in ("student", "teacher") for part in ("encoder", "decoder")]
         roots += [(f"DeCon.{b}.heads.{lvl}", f"{lvl} head",
                    1 if b == "teacher" else 4 if lvl in m.student.checkpoint_levels else 3)
                   for b in ("student", "teacher") for lvl in m.levels]
-        roots += [(f"DeCon.predictors.{lvl}", f"{lvl} predictor", 3) for lvl in getattr(m, "predictors", {})]
+        roots += [(f"DeCon.predictors.{lvl}", f"{lvl} predictor", 4 if lvl in m.student.checkpoint_levels else 3)
+                  for lvl in getattr(m, "predictors", {})]
         for name, part, weight in roots:
             (share if part in share else levels)[part] += weight * counts.get(name, 0)
             counted += counts.get(name, 0)
@@ -233,9 +238,10 @@ class Run:
 
 def bench_steps(a, device):
     ours = dict(baseline=False, precision=a.precision, channels_last=a.channels_last,
-                checkpoint_heads=a.checkpoint_heads, batch_views=a.batch_views, compile=a.compile)
+                checkpoint_heads=a.checkpoint_heads, checkpoint_encoder=a.checkpoint_encoder,
+                batch_views=a.batch_views, compile=a.compile)
     authors = dict(baseline=True, precision="fp16" if device.type == "cuda" else "fp32", channels_last=False,
-                   checkpoint_heads=False, batch_views=False, compile=False)
+                   checkpoint_heads=False, checkpoint_encoder=False, batch_views=False, compile=False)
     block = a.block or (5 if device.type == "cuda" else 1)
     records = []
     for variant in a.variants.split(","):
@@ -346,6 +352,7 @@ def markdown(records):
 
 def main(a):
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cudnn.benchmark = True  # as pretrain.py
     if a.threads:
         torch.set_num_threads(a.threads)
     elif device.type == "cpu" and os.getloadavg()[0] > 1 and torch.get_num_threads() > 1:

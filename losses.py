@@ -9,6 +9,7 @@ over prototypes at temperature 0.07 is where bf16 rounding would show.
 """
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import roi_align
 
 from distributed import all_gather, all_reduce_sum, rank, world_size
@@ -98,10 +99,21 @@ def slot_contrastive_loss(q_slots, k_slots, q_scores, k_scores, predictor, tau=0
     if idx_q.numel() < 2:  # rare at real sizes; BatchNorm1d in the predictor needs two rows. Keep the graph.
         return predictor(q).sum() * 0.0
     idx_k = mask_k_all.nonzero().squeeze(1)
-    logits = F.normalize(predictor(q[idx_q]).float(), dim=1) @ k_all[idx_k].T / tau
     labels = mask_k_all.long().cumsum(0)[idx_q + B * K * rank()] - 1  # position of key (b, k) among valid keys
-    ce = F.cross_entropy(logits, labels, reduction="sum") / n_total * world_size()
-    return ce * 2 * tau
+    ce = cross_entropy_sum(F.normalize(predictor(q[idx_q]).float(), dim=1), k_all[idx_k], labels, tau)
+    return ce / n_total * world_size() * 2 * tau
+
+
+def cross_entropy_sum(queries, keys, labels, tau, chunk=4096):
+    """sum_n CE(queries[n] . keys^T / tau, labels[n]) for queries (N, D), keys (M, D), labels (N,).
+
+    The same number as F.cross_entropy(queries @ keys.T / tau, labels, reduction="sum"), but computed in
+    chunks of `chunk` queries whose logits are recomputed in backward instead of stored: memory O(chunk * M)
+    instead of O(N * M). SlotCon's N and M grow with the batch (up to B * K each): at B = 256 on one GPU with
+    ~170 slots per image, one fp32 (N, M) matrix is 7.6 GB, and each level and direction stores one.
+    """
+    part = lambda q, y: F.cross_entropy(q @ keys.T / tau, y, reduction="sum")
+    return sum(checkpoint(part, q, y, use_reentrant=False) for q, y in zip(queries.split(chunk), labels.split(chunk)))
 
 
 def slotcon_loss(student, teacher, coords, flags, predictor, center, group_weight=0.5,

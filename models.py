@@ -34,6 +34,7 @@ class Backbone(nn.Module):
 
     Strides 4, 8, 16, 32 (c5 at stride 16 with `dilate_c5`, the output-stride-16 backbone of mmseg's FCN).
     Zero-gamma on the last BN of each residual block, as SlotCon's ResNet does. No `fc`, no pooling.
+    `checkpoint_stages = True` recomputes each stage in backward instead of storing its activations.
     """
 
     def __init__(self, arch="resnet50", dilate_c5=False):
@@ -47,13 +48,19 @@ class Backbone(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.channels = ARCH_CHANNELS[arch]
+        self.checkpoint_stages = False
+
+    def stem_layer1(self, x):
+        return self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c2 = self.layer1(x)   # (B,  256, H/4,  W/4) for ResNet-50
-        c3 = self.layer2(c2)  # (B,  512, H/8,  W/8)
-        c4 = self.layer3(c3)  # (B, 1024, H/16, W/16)
-        c5 = self.layer4(c4)  # (B, 2048, H/32, W/32)
+        # with `checkpoint_stages` (and grad enabled) each stage keeps only its input for backward and
+        # recomputes the rest: the stage outputs c2..c5 are kept anyway, by the decoder and the next stage
+        run = checkpointed if self.checkpoint_stages and torch.is_grad_enabled() else lambda fn, x, bn: fn(x)
+        c2 = run(self.stem_layer1, x, self)   # (B,  256, H/4,  W/4) for ResNet-50
+        c3 = run(self.layer2, c2, self.layer2)  # (B,  512, H/8,  W/8)
+        c4 = run(self.layer3, c3, self.layer3)  # (B, 1024, H/16, W/16)
+        c5 = run(self.layer4, c4, self.layer4)  # (B, 2048, H/32, W/32)
         return c2, c3, c4, c5
 
 
@@ -196,8 +203,8 @@ class DenseCLHead(nn.Module):
 @contextlib.contextmanager
 def kept_bn_stats(module):
     """On exit, put back the BatchNorm running statistics and counters of `module` as they were on entry.
-    Wraps a checkpointed head's recompute in backward, which would otherwise apply the running-stat update a
-    second time with the same batch. (Switching tracking off instead changes what batch_norm saves for
+    Wraps a checkpointed recompute in backward, which would otherwise apply the running-stat update a second
+    time with the same batch. (Switching tracking off instead changes what batch_norm saves for
     backward, which checkpoint rejects.)"""
     saved = [(b, b.clone()) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              for b in m.buffers(recurse=False)]
@@ -206,6 +213,13 @@ def kept_bn_stats(module):
     finally:
         for b, value in saved:
             b.copy_(value)
+
+
+def checkpointed(fn, x, bn_owner):
+    """fn(x) under activation checkpointing: only x is saved, and fn runs again in backward. `bn_owner` is a
+    module holding every BatchNorm of fn, whose running statistics the recompute must not update twice."""
+    return checkpoint(fn, x, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), kept_bn_stats(bn_owner)))
 
 
 def split_batch(out, n):
@@ -243,8 +257,7 @@ class Branch(nn.Module):
         out = {}
         for name, head in self.heads.items():
             if name in self.checkpoint_levels and torch.is_grad_enabled():
-                out[name] = checkpoint(head, feats[name], use_reentrant=False,
-                                       context_fn=lambda head=head: (contextlib.nullcontext(), kept_bn_stats(head)))
+                out[name] = checkpointed(head, feats[name], head)
             else:
                 out[name] = head(feats[name])
         return out
@@ -263,16 +276,18 @@ class DeCon(nn.Module):
     Levels: "c5" (L_enc) when alpha > 0, plus the decoder levels (L_dec, or L_dds over p2..p5). A level with
     weight 0 builds no heads, so alpha = 0 has no encoder projector, exactly as the authors' code.
 
-    Speed options, off by default: `checkpoint_heads` recomputes the student's decoder-level heads in backward
-    (same numbers, less memory, ~1/3 more head FLOPs); `batch_views` runs each branch once on both views as one
-    batch of 2B (SlotCon; DenseCL gives each branch one view, so it changes nothing there), which makes
-    BatchNorm statistics span both views instead of one.
+    Speed options, off by default: `checkpoint_heads` recomputes the student's decoder-level heads and
+    predictors in backward (same numbers, less memory, ~1/3 more head FLOPs), `checkpoint_encoder` the
+    student's ResNet stages (same numbers, ~1/3 more encoder FLOPs); `batch_views` runs each branch once on
+    both views as one batch of 2B (SlotCon; DenseCL gives each branch one view, so it changes nothing there),
+    which makes BatchNorm statistics span both views instead of one.
     """
 
     def __init__(self, framework="slotcon", arch="resnet50", decoder="none", alpha=1.0, dropout=0.0,
                  deep_supervision=False, dim_hidden=4096, dim_out=256, num_prototypes=256, num_prototypes_dec=None,
                  queue_size=16384, group_weight=0.5, student_temp=0.1, teacher_temp=0.07, center_momentum=0.9,
-                 densecl_lambda=0.5, tau=0.2, checkpoint_heads=False, batch_views=False):
+                 densecl_lambda=0.5, tau=0.2, checkpoint_heads=False, checkpoint_encoder=False,
+                 batch_views=False):
         super().__init__()
         if framework not in ("slotcon", "densecl"):
             raise ValueError(f"unknown framework {framework!r}")
@@ -303,6 +318,7 @@ class DeCon(nn.Module):
             self.teacher.decoder.skip_dropout = nn.Identity()  # skip dropout is a student-only regularizer
         if checkpoint_heads:
             self.student.checkpoint_levels = tuple(self.dec_levels)
+        self.student.encoder.checkpoint_stages = checkpoint_encoder
 
         if framework == "slotcon":
             self.predictors = nn.ModuleDict({lvl: MLPHead(dim_out, dim_hidden, dim_out, spatial=False)
@@ -361,7 +377,10 @@ class DeCon(nn.Module):
         for lvl in self.levels:
             if self.framework == "slotcon":
                 s, t = [out[lvl] for out in student], [out[lvl] for out in teacher]
-                losses[lvl] = slotcon_loss(s, t, coords, flags, self.predictors[lvl], getattr(self, f"center_{lvl}"),
+                pred = self.predictors[lvl]
+                if lvl in self.student.checkpoint_levels and torch.is_grad_enabled():
+                    pred = partial(checkpointed, pred, bn_owner=pred)  # 4096-wide hidden rows of every slot
+                losses[lvl] = slotcon_loss(s, t, coords, flags, pred, getattr(self, f"center_{lvl}"),
                                            self.group_weight, self.student_temp, self.teacher_temp, self.tau)
                 self._update_center(lvl, [scores for _, scores in t])
             else:

@@ -70,8 +70,10 @@ def get_args_parser():
     a("--teacher-momentum", type=float, default=None, help="EMA momentum: SlotCon 0.99 cosine to 1, DenseCL 0.999 "
       "constant")
     a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (bf16 on CUDA, fp32 on CPU)")
-    a("--checkpoint-heads", action="store_true", help="recompute the decoder-level heads in backward instead of "
-      "storing their activations: same numbers, less memory, ~20%% more FLOPs")
+    a("--checkpoint-heads", action="store_true", help="recompute the decoder-level heads and predictors in "
+      "backward instead of storing their activations: same numbers, less memory, ~20%% more FLOPs")
+    a("--checkpoint-encoder", action="store_true", help="recompute the student's ResNet stages in backward: same "
+      "numbers, less memory, ~1/3 more encoder FLOPs (with --checkpoint-heads: ML-FPN at batch 512 on one GPU)")
     a("--batch-views", action="store_true", help="run each branch once on both views (2B images): BatchNorm "
       "statistics then span both views instead of one, unlike the paper")
     a("--workers", type=int, default=None, help="data-loading processes per GPU (default min(8, cores))")
@@ -201,7 +203,8 @@ def build_optimizer(args, params):
 def build_model(args):
     return DeCon(args.framework, args.arch, args.decoder, args.alpha, args.dropout, args.deep_supervision,
                  args.dim_hidden, args.dim_out, args.num_prototypes, args.num_prototypes_dec, args.queue_size,
-                 checkpoint_heads=args.checkpoint_heads, batch_views=args.batch_views)
+                 checkpoint_heads=args.checkpoint_heads, checkpoint_encoder=getattr(args, "checkpoint_encoder", False),
+                 batch_views=args.batch_views)
 
 
 # ---------------------------------------------------------------- data
@@ -353,6 +356,7 @@ def train_step(model, optimizer, params, ctx, crops, coords, flags, lr, momentum
 
 def main(args):
     device = du.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest convolution kernels
     world, rank = du.world_size(), du.rank()
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
@@ -366,6 +370,7 @@ def main(args):
     # the loader gets its own generator: creating an epoch's iterator must not consume the training RNG
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
+                                         persistent_workers=args.workers > 0,  # no restart at every epoch
                                          generator=torch.Generator(), worker_init_fn=seed_worker)
     iters = sampler.batches
     total = args.epochs * iters

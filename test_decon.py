@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
@@ -178,6 +179,26 @@ def test_slot_contrastive_loss_matches_a_loop():
                                        predictor, tau)
     assert count >= 2
     assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cross_entropy_sum_in_chunks_equals_one_logits_matrix_and_stores_none():
+    torch.manual_seed(0)
+    N, M, tau = 10, 7, 0.2
+    q, k, y = torch.randn(N, 8, requires_grad=True), torch.randn(M, 8), torch.randint(0, M, (N,))
+
+    def run(fn):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            loss = fn()
+        loss.backward()
+        grad, q.grad = q.grad.clone(), None
+        return loss.detach(), grad, sizes
+
+    ref, g_ref, sizes_ref = run(lambda: F.cross_entropy(q @ k.T / tau, y, reduction="sum"))
+    got, g_got, sizes = run(lambda: losses.cross_entropy_sum(q, k, y, tau, chunk=3))  # chunks of 3, 3, 3, 1
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-6, atol=1e-6)
+    assert max(sizes_ref) == N * M and max(sizes) < N * M  # the (N, M) log-probabilities are not kept
 
 
 def test_slotcon_loss_is_the_weighted_sum_of_both_directions():
@@ -1756,13 +1777,15 @@ def step_and_grads(model):
     return loss.detach(), grads, {k: v.clone() for k, v in model.state_dict().items()}, sum(saved.values())
 
 
-@pytest.mark.parametrize("framework", ["slotcon", "densecl"])
-def test_checkpoint_heads_gives_the_same_loss_gradients_and_bn_statistics(framework):
+@pytest.mark.parametrize("framework,option", [("slotcon", "checkpoint_heads"), ("densecl", "checkpoint_heads"),
+                                              ("slotcon", "checkpoint_encoder")])
+def test_checkpointing_gives_the_same_loss_gradients_and_bn_statistics(framework, option):
     loss, grads, state, saved = step_and_grads(tiny_decon(framework))
-    loss_c, grads_c, state_c, saved_c = step_and_grads(tiny_decon(framework, checkpoint_heads=True))
-    assert saved_c < saved  # the head activations were not stored
+    loss_c, grads_c, state_c, saved_c = step_and_grads(tiny_decon(framework, **{option: True}))
+    assert saved_c < saved  # the checkpointed activations were not stored
     torch.testing.assert_close(loss_c, loss, rtol=0, atol=1e-5)
-    assert grads_c.keys() == grads.keys() and any(k.startswith("student.heads.p2") for k in grads)
+    part = "student.heads.p2" if option == "checkpoint_heads" else "student.encoder.conv1"
+    assert grads_c.keys() == grads.keys() and any(k.startswith(part) for k in grads)
     for k in grads:
         torch.testing.assert_close(grads_c[k], grads[k], rtol=0, atol=1e-5, msg=k)
     for k in state:  # the recompute in backward did not update the BatchNorm running statistics again

@@ -110,10 +110,12 @@ def cross_entropy_sum(queries, keys, labels, tau, chunk=4096):
     The same number as F.cross_entropy(queries @ keys.T / tau, labels, reduction="sum"), but computed in
     chunks of `chunk` queries whose logits are recomputed in backward instead of stored: memory O(chunk * M)
     instead of O(N * M). SlotCon's N and M grow with the batch (up to B * K each): at B = 256 on one GPU with
-    ~170 slots per image, one fp32 (N, M) matrix is 7.6 GB, and each level and direction stores one.
+    ~170 slots per image (as at random init), one fp32 (N, M) matrix is 7.6 GB, and without chunks each level
+    and direction would keep one for backward.
     """
     part = lambda q, y: F.cross_entropy(q @ keys.T / tau, y, reduction="sum")
-    return sum(checkpoint(part, q, y, use_reentrant=False) for q, y in zip(queries.split(chunk), labels.split(chunk)))
+    chunks = zip(queries.split(chunk), labels.split(chunk))
+    return sum(checkpoint(part, q, y, use_reentrant=False) for q, y in chunks)
 
 
 def slotcon_loss(student, teacher, coords, flags, predictor, center, group_weight=0.5,

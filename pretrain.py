@@ -71,9 +71,9 @@ def get_args_parser():
       "constant")
     a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (bf16 on CUDA, fp32 on CPU)")
     a("--checkpoint-heads", action="store_true", help="recompute the decoder-level heads and predictors in "
-      "backward instead of storing their activations: same numbers, less memory, ~20%% more FLOPs")
+      "backward instead of storing their activations: same numbers, less memory, ~23%% more FLOPs (ML-FPN)")
     a("--checkpoint-encoder", action="store_true", help="recompute the student's ResNet stages in backward: same "
-      "numbers, less memory, ~1/3 more encoder FLOPs (with --checkpoint-heads: ML-FPN at batch 512 on one GPU)")
+      "numbers, less memory, ~1/3 more student-encoder FLOPs")
     a("--batch-views", action="store_true", help="run each branch once on both views (2B images): BatchNorm "
       "statistics then span both views instead of one, unlike the paper")
     a("--workers", type=int, default=None, help="data-loading processes per GPU (default min(8, cores))")

@@ -317,6 +317,9 @@ class DataError(ValueError):
     """A dataset that cannot be used as given: the message is one line naming the file or flag."""
 
 
+LAYOUTS = "see README.md, 'Dataset layouts'"  # where the error messages send the reader
+
+
 # ---------------------------------------------------------------- mask decoding
 
 def class_id_lut(num_classes):
@@ -475,14 +478,14 @@ def voc_pairs(root, split):
             sources.append(("aug.txt", "SegmentationClassAug"))
         elif du.is_main():
             print(f"note: no {os.path.join(lists, 'aug.txt')}: training on VOC train.txt only, without the SBD "
-                  "images (see README.md, 'Dataset layouts')", flush=True)
+                  f"images ({LAYOUTS})", flush=True)
     else:
         sources = [("val.txt", "SegmentationClass")]
     pairs = {}
     for list_name, mask_dir in sources:
         path = os.path.join(lists, list_name)
         if not os.path.isfile(path):
-            raise DataError(f"--data-root {root}: no list file {path} (VOC 2012 layout, see README.md, 'Dataset layouts')")
+            raise DataError(f"--data-root {root}: no list file {path} (VOC 2012 layout, {LAYOUTS})")
         with open(path) as f:
             for name in (line.split()[0] for line in f if line.strip()):
                 pairs.setdefault(name, (os.path.join(root, "JPEGImages", name + ".jpg"),
@@ -497,7 +500,7 @@ def cityscapes_pairs(root, split):
     split = "val" if split == "test" else split
     image_dir = os.path.join(root, "leftImg8bit", split)
     if not os.path.isdir(image_dir):
-        raise DataError(f"--data-root {root}: no folder {image_dir} (Cityscapes layout, see README.md, 'Dataset layouts')")
+        raise DataError(f"--data-root {root}: no folder {image_dir} (Cityscapes layout, {LAYOUTS})")
     images = [f for f in files_under(image_dir, (".png",)) if f.endswith("_leftImg8bit.png")]
     pairs = [(f, os.path.join(root, "gtFine", split, os.path.relpath(f, image_dir))
               .replace("_leftImg8bit.png", "_gtFine_labelIds.png")) for f in images]
@@ -514,8 +517,8 @@ def isic2017_pairs(root, split):
     ISIC-2017_{Training,Validation,Test_v2}_Data (the *_superpixels.png beside them are not images of the task)
     and ISIC_nnnnnnn_segmentation.png in the matching *_Part1_GroundTruth folder."""
     image_name, mask_name = ISIC_FOLDERS[split]
-    image_dir = find_folder(root, (image_name,), "ISIC 2017 layout, see README.md, 'Dataset layouts'")
-    mask_dir = find_folder(root, (mask_name,), "ISIC 2017 layout, see README.md, 'Dataset layouts'")
+    image_dir = find_folder(root, (image_name,), f"ISIC 2017 layout, {LAYOUTS}")
+    mask_dir = find_folder(root, (mask_name,), f"ISIC 2017 layout, {LAYOUTS}")
     return pair_by_stem(files_under(image_dir, (".jpg", ".jpeg")), files_under(mask_dir, (".png",)),
                         lambda stem: stem + "_segmentation", mask_dir)
 
@@ -530,8 +533,8 @@ def refuge_pairs(root, split):
     (Glaucoma/, Non-Glaucoma/), REFUGE-Validation400, Test400; the Disc_Cup_Masks .bmp of the same stem under
     Annotation-Training400, REFUGE-Validation400-GT, REFUGE-Test-GT."""
     image_names, mask_names = REFUGE_FOLDERS[split]
-    image_dir = find_folder(root, image_names, "REFUGE layout, see README.md, 'Dataset layouts'")
-    mask_dir = find_folder(root, mask_names, "REFUGE layout, see README.md, 'Dataset layouts'")
+    image_dir = find_folder(root, image_names, f"REFUGE layout, {LAYOUTS}")
+    mask_dir = find_folder(root, mask_names, f"REFUGE layout, {LAYOUTS}")
     return pair_by_stem(files_under(image_dir, (".jpg", ".jpeg", ".png")), files_under(mask_dir, (".bmp", ".png")),
                         lambda stem: stem, mask_dir)
 
@@ -541,7 +544,7 @@ def folder_pairs(root, split):
     holding class ids 0..K-1 (255 = ignore)."""
     image_dir, mask_dir = os.path.join(root, "images", split), os.path.join(root, "masks", split)
     if not os.path.isdir(image_dir):
-        raise DataError(f"--data-root {root}: no folder {image_dir} (images/ + masks/ layout, see README.md, 'Dataset layouts')")
+        raise DataError(f"--data-root {root}: no folder {image_dir} (images/ + masks/ layout, {LAYOUTS})")
     images = files_under(image_dir, IMAGE_EXTENSIONS)
     if not images:
         raise DataError(f"--data-root {root}: no images in {image_dir}")

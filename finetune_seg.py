@@ -53,7 +53,8 @@ def get_args_parser():
                                 description="Fine-tune ResNet + FCN/FPN for semantic segmentation and report test "
                                             "mIoU averaged over seeds. 'None' means the dataset's value.")
     a = p.add_argument
-    a("--dataset", choices=sorted(DATASETS), default="synthetic", help="see README.md, 'Dataset layouts' for each layout")
+    a("--dataset", choices=sorted(DATASETS), default="synthetic", help="README.md, 'Dataset layouts', shows each "
+      "layout")
     a("--data-root", default=None, help="dataset folder (all but synthetic)")
     a("--num-classes", type=int, default=None, help="classes of --dataset folder (mask ids 0..K-1, 255 = ignore)")
     a("--synthetic-size", type=int, default=128, help="side of the built-in scenes")

@@ -203,7 +203,7 @@ def build_optimizer(args, params):
 def build_model(args):
     return DeCon(args.framework, args.arch, args.decoder, args.alpha, args.dropout, args.deep_supervision,
                  args.dim_hidden, args.dim_out, args.num_prototypes, args.num_prototypes_dec, args.queue_size,
-                 checkpoint_heads=args.checkpoint_heads, checkpoint_encoder=getattr(args, "checkpoint_encoder", False),
+                 checkpoint_heads=args.checkpoint_heads, checkpoint_encoder=args.checkpoint_encoder,
                  batch_views=args.batch_views)
 
 

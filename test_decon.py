@@ -1579,7 +1579,7 @@ def fake_pretraining(path, decoder="fcn", deep_supervision=False, framework="slo
     a = argparse.Namespace(framework=framework, arch="resnet18", decoder=decoder, dropout=0.0,
                            alpha=0.5 if decoder != "none" else 1.0, deep_supervision=deep_supervision, dim_hidden=16,
                            dim_out=8, num_prototypes=4, num_prototypes_dec=None, queue_size=32,
-                           checkpoint_heads=False, batch_views=False)
+                           checkpoint_heads=False, checkpoint_encoder=False, batch_views=False)
     torch.manual_seed(123)
     model = build_decon(a)
     with torch.no_grad():
@@ -1742,7 +1742,8 @@ def test_short_finetune_beats_the_untrained_model_and_eval_reproduces_it(tmp_pat
     assert report["miou"] == pytest.approx(saved["miou_mean"], abs=1e-3)
 
 
-# ================================================================ Tests of the speed options (checkpoint_heads, batch_views) and of bench.py.
+# ================================================================ Tests of the speed options (checkpoint_heads,
+# checkpoint_encoder, batch_views) and of bench.py.
 
 TINY_DECON = dict(arch="resnet18", dim_hidden=32, dim_out=16, num_prototypes=8, queue_size=32)
 
@@ -1837,8 +1838,8 @@ def test_bench_rejects_unknown_variants_before_work(capsys):
     assert "--variants: unknown dino" in capsys.readouterr().err
 
 
-# ================================================================ Tests of reproduce.py: one --quick run end to end (about a minute on
-# 2 idle cores), shared by the tests below, which rerun it to check what is reused.
+# ================================================================ Tests of reproduce.py: one --quick run end to end
+# (about a minute on 2 idle cores), shared by the tests below, which rerun it to check what is reused.
 
 ROWS = [("Random init", "none"), ("SlotCon", "encoder"), ("DeCon-SL-SlotCon-FPN", "encoder"),
         ("DeCon-SL-SlotCon-FPN", "encoder+decoder"), ("DeCon-ML-SlotCon-FPN", "encoder"),

@@ -4,12 +4,14 @@
         --image-size 224 --batch-size 64 --steps 20 --json out.json
     python bench.py --variants ml-fpn --arch resnet50 --image-size 96 --batch-size 8 --steps 5 --baseline
     python bench.py --data --workers 4                       # augmentation pipeline alone
+    python bench.py --variants ml-fpn --batch-size 512 --checkpoint-heads --checkpoint-encoder --estimate-memory
 
 A step is what pretrain.main runs per batch: EMA update and student + teacher forward (inside DeCon.forward),
 zero_grad, backward, optimizer step. Models, optimizers and schedules come from pretrain.py, so the benchmark
 measures the training code. `--baseline` runs, interleaved with ours in the same process, the authors' setup:
 fp16 autocast with a GradScaler on CUDA (fp32 on CPU), no channels_last, every module called once per view,
-no checkpointing.
+no checkpointing. `--estimate-memory` runs the same step on fake tensors (shapes, no data) and counts the bytes
+alive at its peak: a GPU's memory need at any batch size, on a CPU, in seconds.
 """
 import argparse
 import json
@@ -19,9 +21,14 @@ import statistics
 import sys
 import tempfile
 import time
+import weakref
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 import data
 import pretrain
@@ -66,6 +73,9 @@ def get_args_parser():
       "shared with other jobs, 1 avoids threads waiting on each other at every op")
     a("--seed", type=int, default=0)
     a("--json", default=None, help="write the records to this file")
+    a("--estimate-memory", action="store_true", help="instead of timing, count the peak memory of a training step "
+      "run on fake tensors (no data, no compute, seconds at any batch size), assuming every prototype present "
+      "in every view (the upper bound)")
     a("--data", action="store_true", help="measure the two-view augmentation pipeline instead of training steps")
     a("--data-dir", default=None, help="data mode: image folder (decoding included); default: pre-rendered "
       "synthetic scenes (decoding excluded)")
@@ -86,9 +96,9 @@ def config_name(c):
 
 
 def tensor_mb(tensors):
-    """Megabytes of distinct storages among `tensors`."""
-    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
-    return sum(seen.values()) / 2 ** 20
+    """Megabytes of distinct storages among `tensors` (a storage is one Python object while alive, fake or not)."""
+    storages = {id(s): s for s in (t.untyped_storage() for t in tensors if t is not None)}
+    return sum(s.nbytes() for s in storages.values()) / 2 ** 20
 
 
 def variant_args(variant, a, precision="bf16"):
@@ -109,7 +119,7 @@ class Run:
 
     def __init__(self, variant, cfg, a, device):
         self.variant, self.cfg, self.device = variant, cfg, device
-        args = variant_args(variant, a, "bf16" if cfg["precision"] == "bf16" else "fp32")
+        self.args = args = variant_args(variant, a, "bf16" if cfg["precision"] == "bf16" else "fp32")
         torch.manual_seed(a.seed)
         args.checkpoint_heads, args.batch_views = cfg["checkpoint_heads"], cfg["batch_views"]
         args.checkpoint_encoder = cfg["checkpoint_encoder"]
@@ -237,10 +247,14 @@ class Run:
                 "final_loss": float(self.loss)}
 
 
-def bench_steps(a, device):
-    ours = dict(baseline=False, precision=a.precision, channels_last=a.channels_last,
+def ours_config(a):
+    return dict(baseline=False, precision=a.precision, channels_last=a.channels_last,
                 checkpoint_heads=a.checkpoint_heads, checkpoint_encoder=a.checkpoint_encoder,
                 batch_views=a.batch_views, compile=a.compile)
+
+
+def bench_steps(a, device):
+    ours = ours_config(a)
     authors = dict(baseline=True, precision="fp16" if device.type == "cuda" else "fp32", channels_last=False,
                    checkpoint_heads=False, checkpoint_encoder=False, batch_views=False, compile=False)
     block = a.block or (5 if device.type == "cuda" else 1)
@@ -274,6 +288,69 @@ def bench_steps(a, device):
         records += recs
         del runs
     return records
+
+
+# ---------------------------------------------------------------- peak memory without a GPU
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every storage an op creates, while it is alive. `peak` is the most alive at once: what
+    CUDA's max_memory_allocated reports for the same ops, less its rounding and the cuBLAS / cuDNN workspaces.
+    Tensors made before entering (weights, inputs) are not counted. On fake tensors, which hold no data, the
+    step's two data-dependent ops get stand-ins: nonzero keeps every position (every prototype present in every
+    view, the most memory), and reading a scalar gives True (the NaN guard passes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.peak_op = None
+        self.counted = WeakIdKeyDictionary()  # storage -> bytes
+
+    def _freed(self, nbytes):
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        fake = any(isinstance(t, FakeTensor) for t in tree_flatten((args, kwargs))[0])
+        if fake and func is torch.ops.aten._local_scalar_dense.default:
+            return True
+        if fake and func is torch.ops.aten.nonzero.default:
+            out = torch.zeros(args[0].numel(), args[0].dim(), dtype=torch.long, device=args[0].device)
+        else:
+            out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.counted:
+                storage = t.untyped_storage()
+                self.counted[storage] = storage.nbytes()
+                self.live += storage.nbytes()
+                weakref.finalize(storage, self._freed, storage.nbytes())
+        if self.live > self.peak:
+            self.peak, self.peak_op = self.live, func.__name__
+        return out
+
+
+def estimate_memory(variant, cfg, a):
+    """Peak memory of our training step at this size without running it: the Run's weights, buffers and inputs
+    become fake tensors, and two steps (the second with the optimizer state) run under LiveBytes."""
+    run = Run(variant, cfg, a, torch.device("cpu"))
+    fake = FakeTensorMode()
+    for m in run.model.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                m._parameters[name] = torch.nn.Parameter(fake.from_tensor(p.detach()), p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = fake.from_tensor(b)
+    run.crops = [fake.from_tensor(c) for c in run.crops]
+    run.coords, run.flags = fake.from_tensor(run.coords), fake.from_tensor(run.flags)
+    resident = tensor_mb([*run.model.parameters(), *run.model.buffers(), *run.crops, run.coords, run.flags])
+    with fake, LiveBytes() as count:
+        run.params = [p for p in run.model.parameters() if p.requires_grad]
+        run.optimizer = pretrain.build_optimizer(run.args, run.params)
+        run.step()
+        run.step()
+    return {"variant": variant, "config": config_name(cfg), "est_peak_mb": resident + count.peak / 2 ** 20,
+            "resident_mb": resident, "state_mb": run.state_mb(), "peak_op": count.peak_op,
+            "kind": "fake-tensor count", "arch": a.arch, "image_size": a.image_size, "batch_size": a.batch_size,
+            "torch": torch.__version__}
 
 
 # ---------------------------------------------------------------- data pipeline
@@ -331,6 +408,14 @@ def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def markdown_estimates(records):
+    lines = ["| variant | config | batch | estimated peak GB | weights, gradients, optimizer GB | peak reached in |",
+             "|" + "---|" * 6]
+    lines += [f"| {r['variant']} | {r['config']} | {r['batch_size']} | {r['est_peak_mb'] / 1024:.1f} "
+              f"| {r['state_mb'] / 1024:.2f} | {r['peak_op']} |" for r in records]
+    return "\n".join(lines)
+
+
 def markdown(records):
     lines = ["| variant | config | img/s | ms/step | peak mem MB | state + saved act. MB | GFLOP/img "
              "| enc / dec / heads / other % | TFLOP/s |", "|" + "---|" * 9]
@@ -360,8 +445,12 @@ def main(a):
         print(f"warning: the CPU is busy (1-min load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): "
               f"{torch.get_num_threads()} threads wait for each other at every op; --threads 1 is steadier",
               file=sys.stderr, flush=True)
-    records = bench_data(a, device) if a.data else bench_steps(a, device)
-    print(markdown(records), flush=True)
+    if a.estimate_memory:
+        records = [estimate_memory(v, ours_config(a), a) for v in a.variants.split(",")]
+        print(markdown_estimates(records), flush=True)
+    else:
+        records = bench_data(a, device) if a.data else bench_steps(a, device)
+        print(markdown(records), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(records, f, indent=1)
@@ -375,6 +464,8 @@ def check_args(a, parser):
                      "at least 0")
     if a.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
+    if a.estimate_memory and (a.data or a.baseline or a.compile):
+        parser.error("--estimate-memory counts our training step only: drop --data, --baseline and --compile")
     if a.data:
         if a.data_dir is not None:
             try:

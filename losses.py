@@ -4,8 +4,10 @@ DeCon (this paper):           decon_loss (Eq. 1, 2), deep_supervision_loss (Eq. 
 SlotCon (Wen et al. 2022):    invaug, self_distillation_loss (group loss), slot_contrastive_loss, slotcon_loss.
 DenseCL (Wang et al. 2021):   info_nce_loss (global), dense_contrastive_loss (dense), densecl_loss.
 
-All functions compute in fp32 whatever the autocast dtype of their inputs: softmax over 16k negatives or
-over prototypes at temperature 0.07 is where bf16 rounding would show.
+Precision under autocast: softmax, cross-entropy and normalization run in fp32 (inputs are cast with .float()),
+whatever the dtype of the network's outputs. The similarity matmuls (`q @ keys.T`, `q @ queue`) run in the autocast
+dtype, as the authors' do in fp16: computed in bf16, the slot-contrastive loss of 3000 queries x 4000 keys moved by
+6e-6 (relative) and its gradient by 0.4%, against fp32 on CPU.
 """
 import torch
 import torch.nn.functional as F

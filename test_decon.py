@@ -1838,6 +1838,53 @@ def test_bench_rejects_unknown_variants_before_work(capsys):
     assert "--variants: unknown dino" in capsys.readouterr().err
 
 
+def test_bench_rejects_memory_estimates_of_what_it_does_not_count(capsys):
+    parser = bench.get_args_parser()
+    with pytest.raises(SystemExit):
+        bench.check_args(parser.parse_args(["--estimate-memory", "--baseline"]), parser)
+    assert "--estimate-memory counts our training step only" in capsys.readouterr().err
+
+
+def test_live_bytes_counts_each_storage_while_it_is_alive():
+    with bench.LiveBytes() as count:
+        a = torch.empty(1000)                         # 4000 bytes
+        b = torch.empty(2000)                         # 8000: 12000 alive
+        del a                                         # 8000
+        view = b[:10]                                 # the same storage: nothing new
+        c = torch.empty(500, dtype=torch.bfloat16)    # 1000: 9000 alive
+    assert (count.peak, count.live) == (12000, 9000)
+    assert view.untyped_storage() is b.untyped_storage() and c.numel() == 500
+
+
+@pytest.mark.parametrize("variant", ["densecl-ml-fpn", "ml-fpn"])
+def test_memory_estimate_on_fake_tensors_counts_what_the_real_step_allocates(variant, tmp_path):
+    """The same two steps, counted on real tensors and (bench.py --estimate-memory) on fake ones. DenseCL has no
+    data-dependent shape: the counts are equal. SlotCon's slot losses keep the present prototypes only (at most
+    4 of the 1024 at c5, 2x2 here: the slot logits are the largest tensors at this size), and the estimate takes
+    every prototype as present: an upper bound."""
+    parser = bench.get_args_parser()
+    a = bench.check_args(parser.parse_args(
+        ["--variants", variant, "--arch", "resnet18", "--image-size", "64", "--batch-size", "4", "--steps", "1",
+         "--warmup", "0", "--dim-hidden", "32", "--num-prototypes", "1024", "--checkpoint-heads", "--estimate-memory",
+         "--json", str(tmp_path / "est.json")]), parser)
+    bench.main(a)
+    [est] = json.loads((tmp_path / "est.json").read_text())
+    assert est["variant"] == variant and est["config"] == "bf16+channels_last+ckpt_heads"
+    run = bench.Run(variant, bench.ours_config(a), a, torch.device("cpu"))
+    resident = bench.tensor_mb([*run.model.parameters(), *run.model.buffers(), *run.crops, run.coords, run.flags])
+    with bench.LiveBytes() as count:
+        run.step()
+        run.step()
+    real = resident + count.peak / 2 ** 20
+    assert est["resident_mb"] == pytest.approx(resident) and est["state_mb"] == pytest.approx(run.state_mb())
+    grads_and_optimizer = run.state_mb() - bench.tensor_mb([*run.model.parameters(), *run.model.buffers()])
+    assert real > resident + grads_and_optimizer  # and activations on top
+    if variant.startswith("densecl"):
+        assert est["est_peak_mb"] == pytest.approx(real, rel=1e-3)
+    else:
+        assert real < est["est_peak_mb"] < 3 * real
+
+
 # ================================================================ Tests of reproduce.py: one --quick run end to end
 # (about a minute on 2 idle cores), shared by the tests below, which rerun it to check what is reused.
 

@@ -4,7 +4,8 @@
         --image-size 224 --batch-size 64 --steps 20 --json out.json
     python bench.py --variants ml-fpn --arch resnet50 --image-size 96 --batch-size 8 --steps 5 --baseline
     python bench.py --data --workers 4                       # augmentation pipeline alone
-    python bench.py --variants ml-fpn --batch-size 512 --checkpoint-heads --checkpoint-encoder --estimate-memory
+    python bench.py --variants ml-fpn --batch-size 512 --checkpoint-heads --checkpoint-encoder --checkpoint-decoder \\
+        --estimate-memory
 
 A step is what pretrain.main runs per batch: EMA update and student + teacher forward (inside DeCon.forward),
 zero_grad, backward, optimizer step. Models, optimizers and schedules come from pretrain.py, so the benchmark
@@ -64,6 +65,7 @@ def get_args_parser():
     a("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC model and inputs")
     a("--checkpoint-heads", action="store_true", help="activation checkpointing of the decoder-level heads")
     a("--checkpoint-encoder", action="store_true", help="activation checkpointing of the student's ResNet stages")
+    a("--checkpoint-decoder", action="store_true", help="activation checkpointing of the student's decoder")
     a("--batch-views", action="store_true", help="both views as one batch (changes BatchNorm statistics)")
     a("--compile", action="store_true", help="torch.compile the student and teacher branches")
     a("--baseline", action="store_true", help="also run the authors' configuration, interleaved, and report ratios")
@@ -91,6 +93,7 @@ def config_name(c):
     return "+".join([c["precision"]] + [n for n, on in (("channels_last", c["channels_last"]),
                                                          ("ckpt_heads", c["checkpoint_heads"]),
                                                          ("ckpt_enc", c["checkpoint_encoder"]),
+                                                         ("ckpt_dec", c["checkpoint_decoder"]),
                                                          ("batch_views", c["batch_views"]),
                                                          ("compile", c["compile"])) if on])
 
@@ -122,7 +125,7 @@ class Run:
         self.args = args = variant_args(variant, a, "bf16" if cfg["precision"] == "bf16" else "fp32")
         torch.manual_seed(a.seed)
         args.checkpoint_heads, args.batch_views = cfg["checkpoint_heads"], cfg["batch_views"]
-        args.checkpoint_encoder = cfg["checkpoint_encoder"]
+        args.checkpoint_encoder, args.checkpoint_decoder = cfg["checkpoint_encoder"], cfg["checkpoint_decoder"]
         model = pretrain.build_model(args).to(device)
         fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
         self.model = model.to(memory_format=fmt).train()
@@ -189,8 +192,8 @@ class Run:
         self.flops = counter.get_total_flops()
         m, share, counted = self.model, dict.fromkeys(PARTS, 0.0), 0
         levels = {f"{lvl} {kind}": 0.0 for lvl in m.levels for kind in ("head", "predictor")}
-        ckpt_enc = m.student.encoder.checkpoint_stages
-        roots = [(f"DeCon.{b}.{part}", part, 1 if b == "teacher" else 4 if part == "encoder" and ckpt_enc else 3)
+        ckpt = {"encoder": m.student.encoder.checkpoint_stages, "decoder": m.student.checkpoint_decoder}
+        roots = [(f"DeCon.{b}.{part}", part, 1 if b == "teacher" else 4 if ckpt[part] else 3)
                  for b in ("student", "teacher") for part in ("encoder", "decoder")]
         roots += [(f"DeCon.{b}.heads.{lvl}", f"{lvl} head",
                    1 if b == "teacher" else 4 if lvl in m.student.checkpoint_levels else 3)
@@ -250,13 +253,15 @@ class Run:
 def ours_config(a):
     return dict(baseline=False, precision=a.precision, channels_last=a.channels_last,
                 checkpoint_heads=a.checkpoint_heads, checkpoint_encoder=a.checkpoint_encoder,
+                checkpoint_decoder=a.checkpoint_decoder,
                 batch_views=a.batch_views, compile=a.compile)
 
 
 def bench_steps(a, device):
     ours = ours_config(a)
     authors = dict(baseline=True, precision="fp16" if device.type == "cuda" else "fp32", channels_last=False,
-                   checkpoint_heads=False, checkpoint_encoder=False, batch_views=False, compile=False)
+                   checkpoint_heads=False, checkpoint_encoder=False, checkpoint_decoder=False, batch_views=False,
+                   compile=False)
     block = a.block or (5 if device.type == "cuda" else 1)
     records = []
     for variant in a.variants.split(","):

@@ -144,7 +144,14 @@ class FPNDecoder(nn.Module):
 
 class MLPHead(nn.Module):
     """SlotCon's DINOHead (Linear) / DINOHead2d (1x1 conv): in -> hidden -> BN -> GELU -> hidden -> BN -> GELU
-    -> out. State-dict indices mlp.0, mlp.1, mlp.3, mlp.4, mlp.6 as in SlotCon."""
+    -> out. State-dict indices mlp.0, mlp.1, mlp.3, mlp.4, mlp.6 as in SlotCon.
+
+    `checkpoint_layers = True` (set by DeCon's checkpoint_heads on heads that are checkpointed as a whole):
+    when the whole head is recomputed in backward, that recompute would keep all six hidden maps for the head's
+    backward (at p2, batch 512: 12.25 GB each in bf16). Recomputing two pieces once more, the first layer from
+    the head's input and the second BN + GELU from the conv output, keeps at most five alive at a time (with the
+    gradients). Same numbers; one more BN + GELU pass over the hidden maps and one more first-layer conv.
+    """
 
     def __init__(self, in_dim, hidden_dim=4096, out_dim=256, spatial=True):
         super().__init__()
@@ -157,9 +164,16 @@ class MLPHead(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        self.checkpoint_layers = False
 
     def forward(self, x):
-        return self.mlp(x)
+        if not (self.checkpoint_layers and torch.is_grad_enabled()):
+            return self.mlp(x)
+        m = self.mlp
+        x = checkpointed(m[:3], x, m[1])   # in -> hidden -> BN -> GELU: only the (narrow) input is kept
+        x = m[3](x)                        # hidden -> hidden: keeps its input, the first GELU output
+        x = checkpointed(m[4:6], x, m[4])  # BN -> GELU: keeps the conv output, not the BN output
+        return m[6](x)
 
 
 class SlotConHead(nn.Module):
@@ -237,19 +251,22 @@ class Branch(nn.Module):
     """Encoder + optional decoder + one framework head per supervised level. Student and teacher are two.
 
     Heads of the levels in `checkpoint_levels` are activation-checkpointed when grad is enabled: their hidden
-    activations (4096 channels at p2 and p3) are recomputed in backward instead of stored."""
+    activations (4096 channels at p2 and p3) are recomputed in backward instead of stored. So is the decoder
+    with `checkpoint_decoder` (the skip dropout draws the same masks again: checkpoint restores the RNG)."""
 
     def __init__(self, encoder, decoder, heads):
         super().__init__()
         self.encoder, self.decoder, self.heads = encoder, decoder, nn.ModuleDict(heads)
         self.checkpoint_levels = ()
+        self.checkpoint_decoder = False
 
     def features(self, x):
         """(B, 3, H, W) -> {"c5": ..., "fcn" | "p2".."p5": ...}"""
         feats = self.encoder(x)
         out = {"c5": feats[-1]}
         if self.decoder is not None:
-            out.update(self.decoder(feats))
+            run = checkpointed if self.checkpoint_decoder and torch.is_grad_enabled() else lambda fn, x, bn: fn(x)
+            out.update(run(self.decoder, feats, self.decoder))
         return out
 
     def forward(self, x):
@@ -278,16 +295,16 @@ class DeCon(nn.Module):
 
     Speed options, off by default: `checkpoint_heads` recomputes the student's decoder-level heads and
     predictors in backward (same numbers, less memory, ~1/3 more head FLOPs), `checkpoint_encoder` the
-    student's ResNet stages (same numbers, ~1/3 more encoder FLOPs); `batch_views` runs each branch once on
-    both views as one batch of 2B (SlotCon; DenseCL gives each branch one view, so it changes nothing there),
-    which makes BatchNorm statistics span both views instead of one.
+    student's ResNet stages and `checkpoint_decoder` its decoder (same numbers, ~1/3 more FLOPs of each part);
+    `batch_views` runs each branch once on both views as one batch of 2B (SlotCon; DenseCL gives each branch
+    one view, so it changes nothing there), which makes BatchNorm statistics span both views instead of one.
     """
 
     def __init__(self, framework="slotcon", arch="resnet50", decoder="none", alpha=1.0, dropout=0.0,
                  deep_supervision=False, dim_hidden=4096, dim_out=256, num_prototypes=256, num_prototypes_dec=None,
                  queue_size=16384, group_weight=0.5, student_temp=0.1, teacher_temp=0.07, center_momentum=0.9,
                  densecl_lambda=0.5, tau=0.2, checkpoint_heads=False, checkpoint_encoder=False,
-                 batch_views=False):
+                 checkpoint_decoder=False, batch_views=False):
         super().__init__()
         if framework not in ("slotcon", "densecl"):
             raise ValueError(f"unknown framework {framework!r}")
@@ -318,7 +335,11 @@ class DeCon(nn.Module):
             self.teacher.decoder.skip_dropout = nn.Identity()  # skip dropout is a student-only regularizer
         if checkpoint_heads:
             self.student.checkpoint_levels = tuple(self.dec_levels)
+            if framework == "slotcon":  # DenseCL's heads have no BatchNorm / GELU hidden layers to split
+                for lvl in self.dec_levels:
+                    self.student.heads[lvl].projector.checkpoint_layers = True
         self.student.encoder.checkpoint_stages = checkpoint_encoder
+        self.student.checkpoint_decoder = checkpoint_decoder
 
         if framework == "slotcon":
             self.predictors = nn.ModuleDict({lvl: MLPHead(dim_out, dim_hidden, dim_out, spatial=False)

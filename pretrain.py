@@ -71,9 +71,11 @@ def get_args_parser():
       "constant")
     a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (bf16 on CUDA, fp32 on CPU)")
     a("--checkpoint-heads", action="store_true", help="recompute the decoder-level heads and predictors in "
-      "backward instead of storing their activations: same numbers, less memory, ~23%% more FLOPs (ML-FPN)")
+      "backward instead of storing their activations: same numbers, less memory, ~25%% more FLOPs (ML-FPN)")
     a("--checkpoint-encoder", action="store_true", help="recompute the student's ResNet stages in backward: same "
       "numbers, less memory, ~1/3 more student-encoder FLOPs")
+    a("--checkpoint-decoder", action="store_true", help="recompute the student's decoder in backward: same numbers "
+      "(the skip dropout masks too), less memory, ~1/3 more student-decoder FLOPs")
     a("--batch-views", action="store_true", help="run each branch once on both views (2B images): BatchNorm "
       "statistics then span both views instead of one, unlike the paper")
     a("--workers", type=int, default=None, help="data-loading processes per GPU (default min(8, cores))")
@@ -111,6 +113,8 @@ def finalize_args(args, parser):
     if args.dropout > 0 and args.decoder != "fpn":
         parser.error(f"--dropout {args.dropout} with --decoder {args.decoder}: channel dropout acts on skip "
                      "connections, which only the FPN decoder has")
+    if args.checkpoint_decoder and args.decoder == "none":
+        parser.error("--checkpoint-decoder with --decoder none: there is no decoder to recompute")
     if args.deep_supervision is None:
         args.deep_supervision = args.decoder == "fpn"
     elif args.deep_supervision and args.decoder != "fpn":
@@ -204,7 +208,7 @@ def build_model(args):
     return DeCon(args.framework, args.arch, args.decoder, args.alpha, args.dropout, args.deep_supervision,
                  args.dim_hidden, args.dim_out, args.num_prototypes, args.num_prototypes_dec, args.queue_size,
                  checkpoint_heads=args.checkpoint_heads, checkpoint_encoder=args.checkpoint_encoder,
-                 batch_views=args.batch_views)
+                 checkpoint_decoder=args.checkpoint_decoder, batch_views=args.batch_views)
 
 
 # ---------------------------------------------------------------- data

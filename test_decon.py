@@ -529,6 +529,7 @@ def run_pretrain(*flags, env=None, timeout=300):
     (["--dropout", "1.0", "--decoder", "fpn"], "must be in [0, 1)"),
     (["--dropout", "0.5", "--decoder", "fcn"], "only the FPN decoder has"),
     (["--deep-supervision", "--decoder", "fcn"], "needs the FPN"),
+    (["--checkpoint-decoder"], "there is no decoder to recompute"),
     (["--decoder", "fpn", "--image-size", "100"], "multiple of 32"),
     (["--data", "/nonexistent/folder"], "no such folder"),
 ])
@@ -1579,7 +1580,8 @@ def fake_pretraining(path, decoder="fcn", deep_supervision=False, framework="slo
     a = argparse.Namespace(framework=framework, arch="resnet18", decoder=decoder, dropout=0.0,
                            alpha=0.5 if decoder != "none" else 1.0, deep_supervision=deep_supervision, dim_hidden=16,
                            dim_out=8, num_prototypes=4, num_prototypes_dec=None, queue_size=32,
-                           checkpoint_heads=False, checkpoint_encoder=False, batch_views=False)
+                           checkpoint_heads=False, checkpoint_encoder=False, checkpoint_decoder=False,
+                           batch_views=False)
     torch.manual_seed(123)
     model = build_decon(a)
     with torch.no_grad():
@@ -1748,11 +1750,12 @@ def test_short_finetune_beats_the_untrained_model_and_eval_reproduces_it(tmp_pat
 TINY_DECON = dict(arch="resnet18", dim_hidden=32, dim_out=16, num_prototypes=8, queue_size=32)
 
 
-def tiny_decon(framework, **options):
-    """ML-FPN at test size without skip dropout, seeded, so that two builds have the same weights."""
+def tiny_decon(framework, dropout=0.0, **options):
+    """ML-FPN at test size (without skip dropout by default), seeded: two builds have the same weights and then
+    draw the same random numbers."""
     torch.manual_seed(0)
     alpha = 0.0 if framework == "slotcon" else 0.5
-    return models.DeCon(framework, decoder="fpn", alpha=alpha, deep_supervision=True, dropout=0.0,
+    return models.DeCon(framework, decoder="fpn", alpha=alpha, deep_supervision=True, dropout=dropout,
                         **TINY_DECON, **options)
 
 
@@ -1779,13 +1782,15 @@ def step_and_grads(model):
 
 
 @pytest.mark.parametrize("framework,option", [("slotcon", "checkpoint_heads"), ("densecl", "checkpoint_heads"),
-                                              ("slotcon", "checkpoint_encoder")])
+                                              ("slotcon", "checkpoint_encoder"), ("slotcon", "checkpoint_decoder")])
 def test_checkpointing_gives_the_same_loss_gradients_and_bn_statistics(framework, option):
-    loss, grads, state, saved = step_and_grads(tiny_decon(framework))
-    loss_c, grads_c, state_c, saved_c = step_and_grads(tiny_decon(framework, **{option: True}))
+    dropout = 0.5 if option == "checkpoint_decoder" else 0.0  # the recompute must draw the same skip-dropout masks
+    loss, grads, state, saved = step_and_grads(tiny_decon(framework, dropout=dropout))
+    loss_c, grads_c, state_c, saved_c = step_and_grads(tiny_decon(framework, dropout=dropout, **{option: True}))
     assert saved_c < saved  # the checkpointed activations were not stored
     torch.testing.assert_close(loss_c, loss, rtol=0, atol=1e-5)
-    part = "student.heads.p2" if option == "checkpoint_heads" else "student.encoder.conv1"
+    part = {"checkpoint_heads": "student.heads.p2", "checkpoint_encoder": "student.encoder.conv1",
+            "checkpoint_decoder": "student.decoder.fpn_lateral2"}[option]
     assert grads_c.keys() == grads.keys() and any(k.startswith(part) for k in grads)
     for k in grads:
         torch.testing.assert_close(grads_c[k], grads[k], rtol=0, atol=1e-5, msg=k)

@@ -3,6 +3,7 @@
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `init_distributed` reads them (NCCL on CUDA, gloo on CPU).
 """
 import gc
+import inspect
 import os
 
 import torch
@@ -47,6 +48,17 @@ def shutdown():
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+
+
+def ddp_without_buffer_sync(model, device):
+    """DistributedDataParallel that does not broadcast rank 0's buffers before each forward: every rank keeps its
+    own BatchNorm running statistics, and the centers and queues stay equal through the all-gathers. torch 2.14
+    renamed the switch (`broadcast_buffers` -> `forward_sync_buffers`, which still syncs once at construction:
+    harmless, every rank starts from the same seed or checkpoint); older versions only know the first."""
+    new = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        **{"forward_sync_buffers" if new else "broadcast_buffers": False})
 
 
 @torch.no_grad()

@@ -516,7 +516,8 @@ def main(args):
     if du.is_main():
         for note in (pretrained or {}).get("notes", []):
             print(note, flush=True)
-    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if du.is_main() else None
+    # a rerun starts over, as results.json and seedN.pt do: its log does not continue the previous run's
+    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "w") if du.is_main() else None
 
     def log(record):
         if log_file:

@@ -403,9 +403,7 @@ def main(args):
         if du.is_main():
             print(f"resumed from {args.resume} at step {step}", flush=True)
         del ckpt
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) \
-        if world > 1 else model
+    ddp = du.ddp_without_buffer_sync(model, device) if world > 1 else model
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     last_pt = os.path.join(args.output_dir, "last.pt")
 

@@ -717,7 +717,7 @@ for v in VARIANTS:
 dist.init_process_group("gloo")
 for i, v in enumerate(VARIANTS):
     model, args = build(v + COMMON)
-    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    ddp = du.ddp_without_buffer_sync(model, torch.device("cpu"))
     loss, grads, bufs = step(model, 4 * rank, 4 * rank + 4, ddp)
     dist.all_reduce(loss)
     if rank == 0:
@@ -1723,7 +1723,11 @@ def test_short_finetune_beats_the_untrained_model_and_eval_reproduces_it(tmp_pat
               "--synthetic-test", "24", "--crop-size", "64", "--workers", "0"]
     args = finetune_args(*common, "--decoder", "fpn", "--iters", "40", "--batch-size", "8", "--lr", "0.05",
                          "--eval-every", "20", "--select", "best", "--output-dir", str(out))
+    out.mkdir()
+    (out / "log.jsonl").write_text(json.dumps({"seed": 0, "iter": 40, "loss": 9.9}) + "\n")  # an earlier run's
     results = ft.main(args)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["iter"], "val_miou" in r) for r in log] == [(20, False), (20, True), (40, False), (40, True)]
 
     torch.manual_seed(0)  # the fine-tune's initial weights (seed 0)
     untrained = Segmenter("resnet18", "fpn", 9)

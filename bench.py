@@ -253,8 +253,7 @@ class Run:
 def ours_config(a):
     return dict(baseline=False, precision=a.precision, channels_last=a.channels_last,
                 checkpoint_heads=a.checkpoint_heads, checkpoint_encoder=a.checkpoint_encoder,
-                checkpoint_decoder=a.checkpoint_decoder,
-                batch_views=a.batch_views, compile=a.compile)
+                checkpoint_decoder=a.checkpoint_decoder, batch_views=a.batch_views, compile=a.compile)
 
 
 def bench_steps(a, device):
@@ -446,7 +445,7 @@ def main(a):
     torch.backends.cudnn.benchmark = True  # as pretrain.py
     if a.threads:
         torch.set_num_threads(a.threads)
-    elif device.type == "cpu" and os.getloadavg()[0] > 1 and torch.get_num_threads() > 1:
+    elif device.type == "cpu" and not a.estimate_memory and os.getloadavg()[0] > 1 and torch.get_num_threads() > 1:
         print(f"warning: the CPU is busy (1-min load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): "
               f"{torch.get_num_threads()} threads wait for each other at every op; --threads 1 is steadier",
               file=sys.stderr, flush=True)

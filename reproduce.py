@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -58,7 +58,7 @@ def get_args_parser():
     a("--fractions", type=float, nargs="+", default=[0.05, 0.25, 1.0])
     a("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a("--workers", type=int, default=1, help="data-loading processes of each stage (fine-tuning uses 0 below 2)")
-    a("--jobs", type=int, default=2, help="stages run at once (independent pre-trainings, then fine-tunes)")
+    a("--jobs", type=int, default=2, help="stages run at once (a fine-tune starts once its pre-training is done)")
     a("--threads", type=int, default=1,
       help="OMP_NUM_THREADS of each stage (0: inherit); on a shared 2-core machine 1 thread ran 3x faster than 2, "
            "so the default uses the 2 cores as 2 jobs of 1 thread")
@@ -210,13 +210,27 @@ def markdown(args, table, stages, total_seconds):
     return "\n".join(lines)
 
 
-def run_all(specs, args, progress):
+def run_all(pretrain_specs, finetune_specs, needs, args, progress):
     """Run stages (label, cmd, out_dir, done_file[, inputs]), --jobs at a time (threads only wait on
-    subprocesses)."""
+    subprocesses). needs[i] is the index in pretrain_specs of fine-tune i's pre-training, or None: a fine-tune
+    starts as soon as its own pre-training is done, not after all of them. A failed stage raises, and nothing
+    more is started. Returns the stages in input order."""
     def one(spec):
         return {"label": spec[0], **run_stage(*spec[:4], args.threads, progress, *spec[4:])}
+    spec = {**{("pre", i): s for i, s in enumerate(pretrain_specs)},
+            **{("post", i): s for i, s in enumerate(finetune_specs)}}
+    todo = list(spec)  # pre-trainings first, then the fine-tunes in table order
+    results, running = {}, {}
     with ThreadPoolExecutor(args.jobs) as pool:
-        return list(pool.map(one, specs))
+        while todo or running:
+            ready = [k for k in todo if k[0] == "pre" or needs[k[1]] is None or ("pre", needs[k[1]]) in results]
+            for k in ready[:args.jobs - len(running)]:
+                todo.remove(k)
+                running[pool.submit(one, spec[k])] = k
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                results[running.pop(f)] = f.result()
+    return [results[k] for k in sorted(results, key=lambda k: (k[0] == "post", k[1]))]
 
 
 def main(args):
@@ -231,7 +245,7 @@ def main(args):
             print(f"[{next(count)}/{n}] {message}", flush=True)
 
     t0, checkpoints, specs = time.perf_counter(), {}, []
-    for name, _, flags in plan:
+    for name, _, flags in plan:  # checkpoints keeps this order: index i is pretrain_specs[i]
         out = os.path.join(args.output_dir, "pretrain", slug(name))
         last = checkpoints[name] = os.path.join(out, "last.pt")
         cmd = pretrain_command(args, flags, out)
@@ -249,7 +263,9 @@ def main(args):
                           os.path.join(out, "results.json"), [checkpoints[name]] if name in checkpoints else []))
             cells.append((name, transfer, fraction))
     check_reusable(pretrain_specs + specs)
-    stages = run_all(pretrain_specs, args, progress) + run_all(specs, args, progress)
+    order = list(checkpoints)
+    needs = [order.index(name) if name in checkpoints else None for name, _, _ in cells]
+    stages = run_all(pretrain_specs, specs, needs, args, progress)
 
     results = {}
     for key, spec in zip(cells, specs):

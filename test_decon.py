@@ -15,6 +15,7 @@ import pickle
 import random
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -1933,6 +1934,35 @@ def test_reproduce_quick_writes_table7_shaped_results(quick_run):
     table = [line for line in md.splitlines() if line.startswith("| ") and "+-" in line]
     assert [tuple(c.strip() for c in line.split("|")[1:3]) for line in table] == ROWS
     assert "python pretrain.py --framework slotcon --decoder fpn --alpha 0 --dropout 0.5" in md
+
+
+def test_reproduce_starts_a_finetune_when_its_own_pretraining_is_done(monkeypatch):
+    """Two jobs, pre-trainings A (quick) and B (which finishes only once A's fine-tune has started): B would wait
+    for ever if the fine-tunes waited for every pre-training. A failed stage stops what is still queued."""
+    import reproduce
+    started, ran = threading.Event(), []
+
+    def stage(label, cmd, out_dir, done_file, threads, progress, inputs=()):
+        ran.append(label)
+        if label == "ft A":
+            started.set()
+        if label == "B" and not started.wait(timeout=30):
+            raise AssertionError("the fine-tune of A did not start while B was running")
+        if label == "C":
+            raise SystemExit("error: C failed")
+        return {"command": label, "seconds": 0.0}
+
+    monkeypatch.setattr(reproduce, "run_stage", stage)
+    spec = lambda label: (label, [], "", "")
+    args = argparse.Namespace(jobs=2, threads=1)
+    stages = reproduce.run_all([spec("A"), spec("B")], [spec("ft B"), spec("ft A")], [1, 0], args, print)
+    assert [s["label"] for s in stages] == ["A", "B", "ft B", "ft A"]
+    assert ran.index("ft A") < ran.index("ft B")
+    ran.clear()
+    args.jobs = 1
+    with pytest.raises(SystemExit, match="C failed"):
+        reproduce.run_all([spec("C")], [spec("ft none"), spec("ft C")], [None, 0], args, print)
+    assert ran == ["C"]
 
 
 def _finetune_mtimes(out):

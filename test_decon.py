@@ -1937,8 +1937,8 @@ def test_reproduce_quick_writes_table7_shaped_results(quick_run):
 
 
 def test_reproduce_starts_a_finetune_when_its_own_pretraining_is_done(monkeypatch):
-    """Two jobs, pre-trainings A (quick) and B (which finishes only once A's fine-tune has started): B would wait
-    for ever if the fine-tunes waited for every pre-training. A failed stage stops what is still queued."""
+    """Two jobs, pre-trainings A (quick) and B (which finishes only once A's fine-tune has started): B times out
+    if the fine-tunes wait for every pre-training. A failed stage stops what is still queued."""
     import reproduce
     started, ran = threading.Event(), []
 

@@ -56,11 +56,11 @@ class Backbone(nn.Module):
     def forward(self, x):
         # with `checkpoint_stages` (and grad enabled) each stage keeps only its input for backward and
         # recomputes the rest: the stage outputs c2..c5 are kept anyway, by the decoder and the next stage
-        run = checkpointed if self.checkpoint_stages and torch.is_grad_enabled() else lambda fn, x, bn: fn(x)
-        c2 = run(self.stem_layer1, x, self)   # (B,  256, H/4,  W/4) for ResNet-50
-        c3 = run(self.layer2, c2, self.layer2)  # (B,  512, H/8,  W/8)
-        c4 = run(self.layer3, c3, self.layer3)  # (B, 1024, H/16, W/16)
-        c5 = run(self.layer4, c4, self.layer4)  # (B, 2048, H/32, W/32)
+        on = self.checkpoint_stages
+        c2 = checkpointed(self.stem_layer1, x, self, on)     # (B,  256, H/4,  W/4) for ResNet-50
+        c3 = checkpointed(self.layer2, c2, self.layer2, on)  # (B,  512, H/8,  W/8)
+        c4 = checkpointed(self.layer3, c3, self.layer3, on)  # (B, 1024, H/16, W/16)
+        c5 = checkpointed(self.layer4, c4, self.layer4, on)  # (B, 2048, H/32, W/32)
         return c2, c3, c4, c5
 
 
@@ -229,9 +229,12 @@ def kept_bn_stats(module):
             b.copy_(value)
 
 
-def checkpointed(fn, x, bn_owner):
+def checkpointed(fn, x, bn_owner, enabled=True):
     """fn(x) under activation checkpointing: only x is saved, and fn runs again in backward. `bn_owner` is a
-    module holding every BatchNorm of fn, whose running statistics the recompute must not update twice."""
+    module holding every BatchNorm of fn, whose running statistics the recompute must not update twice.
+    Plain fn(x) when not `enabled` or when grad is off (nothing to recompute for)."""
+    if not (enabled and torch.is_grad_enabled()):
+        return fn(x)
     return checkpoint(fn, x, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), kept_bn_stats(bn_owner)))
 
@@ -265,19 +268,13 @@ class Branch(nn.Module):
         feats = self.encoder(x)
         out = {"c5": feats[-1]}
         if self.decoder is not None:
-            run = checkpointed if self.checkpoint_decoder and torch.is_grad_enabled() else lambda fn, x, bn: fn(x)
-            out.update(run(self.decoder, feats, self.decoder))
+            out.update(checkpointed(self.decoder, feats, self.decoder, self.checkpoint_decoder))
         return out
 
     def forward(self, x):
         feats = self.features(x)
-        out = {}
-        for name, head in self.heads.items():
-            if name in self.checkpoint_levels and torch.is_grad_enabled():
-                out[name] = checkpointed(head, feats[name], head)
-            else:
-                out[name] = head(feats[name])
-        return out
+        return {name: checkpointed(head, feats[name], head, name in self.checkpoint_levels)
+                for name, head in self.heads.items()}
 
 
 def decoder_levels(decoder, deep_supervision):
@@ -398,9 +395,8 @@ class DeCon(nn.Module):
         for lvl in self.levels:
             if self.framework == "slotcon":
                 s, t = [out[lvl] for out in student], [out[lvl] for out in teacher]
-                pred = self.predictors[lvl]
-                if lvl in self.student.checkpoint_levels and torch.is_grad_enabled():
-                    pred = partial(checkpointed, pred, bn_owner=pred)  # 4096-wide hidden rows of every slot
+                pred = self.predictors[lvl]  # checkpointed with the heads: 4096-wide hidden rows of every slot
+                pred = partial(checkpointed, pred, bn_owner=pred, enabled=lvl in self.student.checkpoint_levels)
                 losses[lvl] = slotcon_loss(s, t, coords, flags, pred, getattr(self, f"center_{lvl}"),
                                            self.group_weight, self.student_temp, self.teacher_temp, self.tau)
                 self._update_center(lvl, [scores for _, scores in t])

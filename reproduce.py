@@ -210,27 +210,26 @@ def markdown(args, table, stages, total_seconds):
     return "\n".join(lines)
 
 
-def run_all(pretrain_specs, finetune_specs, needs, args, progress):
-    """Run stages (label, cmd, out_dir, done_file[, inputs]), --jobs at a time (threads only wait on
-    subprocesses). needs[i] is the index in pretrain_specs of fine-tune i's pre-training, or None: a fine-tune
-    starts as soon as its own pre-training is done, not after all of them. A failed stage raises, and nothing
+def run_all(specs, args, progress):
+    """Run stages (label, cmd, out_dir, done_file[, inputs]), --jobs at a time and in list order (threads only
+    wait on subprocesses). A stage whose inputs include another stage's done_file starts once that stage is done:
+    a fine-tune as soon as its own pre-training is, not after all of them. A failed stage raises, and nothing
     more is started. Returns the stages in input order."""
     def one(spec):
         return {"label": spec[0], **run_stage(*spec[:4], args.threads, progress, *spec[4:])}
-    spec = {**{("pre", i): s for i, s in enumerate(pretrain_specs)},
-            **{("post", i): s for i, s in enumerate(finetune_specs)}}
-    todo = list(spec)  # pre-trainings first, then the fine-tunes in table order
-    results, running = {}, {}
+    made_by = {spec[3]: i for i, spec in enumerate(specs)}  # done_file -> the stage that writes it
+    waits_on = [[made_by[f] for f in (spec[4] if len(spec) > 4 else ()) if f in made_by] for spec in specs]
+    todo, results, running = list(range(len(specs))), {}, {}
     with ThreadPoolExecutor(args.jobs) as pool:
         while todo or running:
-            ready = [k for k in todo if k[0] == "pre" or needs[k[1]] is None or ("pre", needs[k[1]]) in results]
-            for k in ready[:args.jobs - len(running)]:
-                todo.remove(k)
-                running[pool.submit(one, spec[k])] = k
+            ready = [i for i in todo if all(j in results for j in waits_on[i])]
+            for i in ready[:args.jobs - len(running)]:
+                todo.remove(i)
+                running[pool.submit(one, specs[i])] = i
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in finished:
                 results[running.pop(f)] = f.result()
-    return [results[k] for k in sorted(results, key=lambda k: (k[0] == "post", k[1]))]
+    return [results[i] for i in range(len(specs))]
 
 
 def main(args):
@@ -245,7 +244,7 @@ def main(args):
             print(f"[{next(count)}/{n}] {message}", flush=True)
 
     t0, checkpoints, specs = time.perf_counter(), {}, []
-    for name, _, flags in plan:  # checkpoints keeps this order: index i is pretrain_specs[i]
+    for name, _, flags in plan:
         out = os.path.join(args.output_dir, "pretrain", slug(name))
         last = checkpoints[name] = os.path.join(out, "last.pt")
         cmd = pretrain_command(args, flags, out)
@@ -263,9 +262,7 @@ def main(args):
                           os.path.join(out, "results.json"), [checkpoints[name]] if name in checkpoints else []))
             cells.append((name, transfer, fraction))
     check_reusable(pretrain_specs + specs)
-    order = list(checkpoints)
-    needs = [order.index(name) if name in checkpoints else None for name, _, _ in cells]
-    stages = run_all(pretrain_specs, specs, needs, args, progress)
+    stages = run_all(pretrain_specs + specs, args, progress)
 
     results = {}
     for key, spec in zip(cells, specs):

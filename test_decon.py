@@ -1953,15 +1953,15 @@ def test_reproduce_starts_a_finetune_when_its_own_pretraining_is_done(monkeypatc
         return {"command": label, "seconds": 0.0}
 
     monkeypatch.setattr(reproduce, "run_stage", stage)
-    spec = lambda label: (label, [], "", "")
+    spec = lambda label, *inputs: (label, [], "", f"{label}.done", list(inputs))
     args = argparse.Namespace(jobs=2, threads=1)
-    stages = reproduce.run_all([spec("A"), spec("B")], [spec("ft B"), spec("ft A")], [1, 0], args, print)
+    stages = reproduce.run_all([spec("A"), spec("B"), spec("ft B", "B.done"), spec("ft A", "A.done")], args, print)
     assert [s["label"] for s in stages] == ["A", "B", "ft B", "ft A"]
     assert ran.index("ft A") < ran.index("ft B")
     ran.clear()
     args.jobs = 1
     with pytest.raises(SystemExit, match="C failed"):
-        reproduce.run_all([spec("C")], [spec("ft none"), spec("ft C")], [None, 0], args, print)
+        reproduce.run_all([spec("C"), spec("ft none"), spec("ft C", "C.done")], args, print)
     assert ran == ["C"]
 
 

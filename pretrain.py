@@ -84,7 +84,7 @@ def get_args_parser():
     a("--save-every", type=int, default=0, help="also checkpoint every N steps (0: end of each epoch only)")
     a("--log-every", type=int, default=10, help="write metrics.jsonl every N steps")
     a("--max-bad-steps", type=int, default=3, help="stop after this many non-finite steps in a row (each is "
-      "skipped)")
+      "skipped; read at log steps and checkpoints, so the run stops up to --log-every steps later)")
     a("--seed", type=int, default=0)
     a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     return p
@@ -171,13 +171,17 @@ def momentum_schedule(base, total_steps, kind="cosine"):
 
 class LARS(torch.optim.Optimizer):
     """LARS as SlotCon uses it: for a parameter with ndim > 1, d = g + wd * p, scaled by the trust ratio
-    eta * |p| / |d|; 1-D parameters (biases, BN) get neither weight decay nor scaling. Then heavy-ball momentum."""
+    eta * |p| / |d|; 1-D parameters (biases, BN) get neither weight decay nor scaling. Then heavy-ball momentum:
+    mu = momentum * mu + d, p = p - lr * mu.
+
+    step(found_inf): a device scalar, 1.0 to leave every weight and buffer as it is (non-finite gradients). The
+    decision is taken on the device, so the training loop needs no host sync to skip a step."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
 
     @torch.no_grad()
-    def step(self):
+    def step(self, found_inf=None):
         # torch._foreach ops: a few multi-tensor kernels per group instead of ~10 launches per parameter
         for g in self.param_groups:
             params = [p for p in g["params"] if p.grad is not None]
@@ -192,16 +196,39 @@ class LARS(torch.optim.Optimizer):
             for p in params:
                 if "mu" not in self.state[p]:
                     self.state[p]["mu"] = torch.zeros_like(p)
-            mu = [self.state[p]["mu"] for p in params]
-            torch._foreach_mul_(mu, g["momentum"])
-            torch._foreach_add_(mu, [d[p] for p in params])
-            torch._foreach_add_(params, mu, alpha=-g["lr"])
+            # the momentum update in one fused kernel (torch's fused SGD without weight decay: d already has it),
+            # which returns at once on the device when found_inf is 1
+            torch._fused_sgd_(params, [d[p] for p in params], [self.state[p]["mu"] for p in params],
+                              weight_decay=0.0, momentum=g["momentum"], lr=g["lr"], dampening=0.0, nesterov=False,
+                              maximize=False, is_first_step=False, found_inf=found_inf)
+
+
+class SGD(torch.optim.SGD):
+    """torch's fused momentum SGD (DenseCL's optimizer), with LARS's step(found_inf). The fused kernel reads
+    `found_inf` as it does under a GradScaler."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9):
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
+
+    def step(self, found_inf=None):
+        if found_inf is None:
+            return super().step()
+        self.found_inf = found_inf
+        try:
+            return super().step()
+        finally:
+            del self.found_inf
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for g in self.param_groups:  # a checkpoint of the earlier, unfused SGD says fused=False
+            g["fused"], g["foreach"] = True, None
 
 
 def build_optimizer(args, params):
     if args.optimizer == "lars":
         return LARS(params, weight_decay=args.weight_decay)
-    return torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=args.weight_decay)
+    return SGD(params, weight_decay=args.weight_decay)
 
 
 def build_model(args):
@@ -341,21 +368,22 @@ class StopFlag:
 # ---------------------------------------------------------------- training
 
 def train_step(model, optimizer, params, ctx, crops, coords, flags, lr, momentum):
-    """One step, as bench.py times it. Returns (logs, stepped): the detached logs, still on the device, and
-    whether the update was applied (False: non-finite loss or gradients, weights untouched)."""
+    """One step, as bench.py times it. Returns (logs, ok): the detached logs and a bool device scalar, False when
+    the loss or the gradients were not finite and the update was skipped (weights untouched). Nothing here
+    waits for the device: the loop reads `ok` at log steps, so the host can queue the next step's work while
+    the device still runs this step's backward."""
     for g in optimizer.param_groups:
         g["lr"] = lr
     optimizer.zero_grad(set_to_none=True)  # before the forward: the last step's gradients are not held beside
     with ctx:                              # this step's activations (-380 MB peak, R50 ML-FPN 96 px batch 8)
         loss, logs = model(crops, coords, flags, momentum)
     loss.backward()
-    # NaN guard: one scalar sync per step. Gradients are identical on every rank after DDP's all-reduce,
-    # so all ranks take the same decision; a skipped step never touches the weights.
+    # NaN guard, on the device. Gradients are identical on every rank after DDP's all-reduce, so all ranks
+    # take the same decision.
     grads = [p.grad for p in params if p.grad is not None]
-    stepped = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
-    if stepped:
-        optimizer.step()
-    return logs, stepped
+    ok = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+    optimizer.step(found_inf=(~ok).float())
+    return logs, ok
 
 
 def main(args):
@@ -393,6 +421,7 @@ def main(args):
     random.seed(args.seed * 1000 + rank)
 
     step, skipped, bad_in_a_row, last_good = 0, 0, 0, None
+    pending = []  # (step, ok) for the steps whose NaN-guard flag the host has not read yet
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -407,8 +436,26 @@ def main(args):
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     last_pt = os.path.join(args.output_dir, "last.pt")
 
+    def read_flags():
+        """Read the NaN-guard flags of the steps since the last read, in one host sync (at log steps and before
+        a checkpoint, not every step): warn about each skipped step; stop after --max-bad-steps in a row."""
+        nonlocal skipped, bad_in_a_row
+        oks = torch.stack([ok for _, ok in pending]).tolist() if pending else []
+        for (n, _), ok in zip(pending, oks):
+            if ok:
+                bad_in_a_row = 0
+                continue
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            print(f"warning: non-finite loss or gradients at step {n}: step skipped", file=sys.stderr)
+            if bad_in_a_row >= args.max_bad_steps:
+                print(f"error: {bad_in_a_row} non-finite steps in a row (last at step {n}); stopping at step {step}. "
+                      f"Last good checkpoint: {last_good or 'none written yet'}", file=sys.stderr, flush=True)
+                raise SystemExit(1)
+        pending.clear()
+
     def checkpoint(epoch):
         nonlocal last_good
+        read_flags()  # the step count of skipped steps is saved; a run to stop writes nothing
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
                  "skipped": skipped, "args": vars(args), "rng": rng_state(device)}
         if du.is_main():
@@ -426,20 +473,14 @@ def main(args):
         for views, coords, flags in loader:
             views = views.to(device, non_blocking=True)
             crops = [views[:, v].contiguous(memory_format=torch.channels_last) for v in (0, 1)]
-            coords, flags = coords.to(device).transpose(0, 1), flags.to(device).T
-            logs, stepped = train_step(ddp, optimizer, params, ctx, crops, coords, flags, float(lrs[step]), moms[step])
-            if stepped:
-                bad_in_a_row = 0
-            else:
-                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-                print(f"warning: non-finite loss or gradients at step {step + 1}: step skipped", file=sys.stderr)
-                if bad_in_a_row >= args.max_bad_steps:
-                    print(f"error: {bad_in_a_row} non-finite steps in a row (last at step {step + 1}); stopping. "
-                          f"Last good checkpoint: {last_good or 'none written yet'}", file=sys.stderr, flush=True)
-                    raise SystemExit(1)
+            coords = coords.to(device, non_blocking=True).transpose(0, 1)  # pinned by the loader on CUDA: no sync
+            flags = flags.to(device, non_blocking=True).T
+            logs, ok = train_step(ddp, optimizer, params, ctx, crops, coords, flags, float(lrs[step]), moms[step])
             step += 1
+            pending.append((step, ok))
             bar.update(1)
             if step % args.log_every == 0 or step == last_step:
+                read_flags()
                 logs = {k: v.item() for k, v in logs.items()}  # the log step's host sync
                 now = time.perf_counter()
                 ips = (step - step_log) * args.batch_size / (now - t_log)

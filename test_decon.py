@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench
 import convert
@@ -291,6 +292,43 @@ def test_lars_excludes_1d_parameters_from_decay_and_scaling():
     w.grad, b.grad = torch.full((3, 2), 0.5), torch.full((3,), 0.5)
     opt.step()  # momentum: mu = 0.9 mu + d
     torch.testing.assert_close(b, torch.full((3,), 2.0 - 0.1 * 0.5 - 0.1 * (0.9 * 0.5 + 0.5)))
+
+
+@pytest.mark.parametrize("kind", ["lars", "sgd"])
+def test_optimizer_skips_on_the_device_and_otherwise_steps_as_the_formula(kind):
+    """Three steps: gradients 0.5, then NaN / inf with found_inf=1, then 0.5 again. The skipped step leaves
+    weights and momentum as they were; the others follow mu = 0.9 mu + d, p = p - lr * mu with d = g + wd * p
+    (SGD: every parameter; LARS: no decay on 1-D parameters, whose trust ratio is the test above's)."""
+    w, b = nn.Parameter(torch.full((3, 2), 2.0)), nn.Parameter(torch.full((3,), 2.0))
+    opt = (pretrain.LARS if kind == "lars" else pretrain.SGD)([w, b], lr=0.1, weight_decay=0.1, momentum=0.9)
+    wd = 0.1 if kind == "sgd" else 0.0
+    p_ref, mu_ref = 2.0, 0.0
+    for found_inf in (0.0, 1.0, 0.0):
+        w.grad = torch.full((3, 2), float("nan") if found_inf else 0.5)
+        b.grad = torch.full((3,), float("inf") if found_inf else 0.5)
+        before = [t.detach().clone() for t in [w, b, *[v for s in opt.state.values() for v in s.values()]]]
+        opt.step(found_inf=torch.tensor(found_inf))
+        if found_inf:
+            after = [w, b, *[v for s in opt.state.values() for v in s.values()]]
+            assert len(after) == 4 and all(torch.equal(x, y) for x, y in zip(before, after))
+        else:
+            mu_ref = 0.9 * mu_ref + 0.5 + wd * p_ref
+            p_ref = p_ref - 0.1 * mu_ref
+        torch.testing.assert_close(b, torch.full((3,), p_ref))
+    assert p_ref == pytest.approx(1.855 if kind == "lars" else 1.7977)  # by hand
+
+
+def test_sgd_resumes_from_a_checkpoint_of_the_unfused_sgd():
+    w = nn.Parameter(torch.ones(2, 2))
+    old = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=0.1)  # what pretrain.py built before
+    w.grad = torch.ones(2, 2)
+    old.step()
+    opt = pretrain.SGD([w], weight_decay=0.1)
+    opt.load_state_dict(old.state_dict())
+    buf, w0 = old.state[w]["momentum_buffer"].clone(), w.detach().clone()
+    opt.step(found_inf=torch.tensor(0.0))  # only the fused kernel takes found_inf
+    torch.testing.assert_close(opt.state[w]["momentum_buffer"], 0.9 * buf + 1.0 + 0.1 * w0)
+    torch.testing.assert_close(w, w0 - 0.1 * (0.9 * buf + 1.0 + 0.1 * w0))
 
 
 # ---------------------------------------------------------------- Table 3
@@ -768,6 +806,72 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch, 
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)  # skipped steps leave the weights as they were
     assert ckpt["step"] == 5 and ckpt["skipped"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.dtype.is_floating_point)
+
+
+def test_non_finite_steps_are_read_at_log_steps_not_every_step(tmp_path, monkeypatch, capsys):
+    """The loop reads the NaN-guard flags at log steps and checkpoints only: steps 5-7 are bad, and the run,
+    with 8 steps per epoch and --log-every 4, learns it at step 8."""
+    calls = {"n": 0}
+    forward = models.DeCon.forward
+
+    def poisoned(self, *a, **kw):
+        loss, logs = forward(self, *a, **kw)
+        calls["n"] += 1
+        return (loss * float("inf"), logs) if calls["n"] in (5, 6, 7) else (loss, logs)
+    monkeypatch.setattr(models.DeCon, "forward", poisoned)
+    parser = pretrain.get_args_parser()
+    args = pretrain.finalize_args(parser.parse_args(
+        [*TINY, "--synthetic-images", "64", "--log-every", "4", "--epochs", "2", "--output-dir", str(tmp_path)]),
+        parser)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(args)
+    assert e.value.code == 1 and calls["n"] == 8
+    err = capsys.readouterr().err
+    assert [f"at step {n}: step skipped" in err for n in range(1, 9)] == [False] * 4 + [True] * 3 + [False]
+    assert "3 non-finite steps in a row (last at step 7); stopping at step 8" in err
+    assert "none written yet" in err and not (tmp_path / "last.pt").exists()  # stopped before the epoch's save
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [4]
+
+
+class SyncOps(TorchDispatchMode):
+    """Counts the ops after which the host must wait for the device: reading a value, and nonzero (its output
+    size depends on the data)."""
+    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCING:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name,nonzeros", [("decon-sl-densecl-fcn", 0), ("decon-ml-slotcon-fpn", 16)])
+def test_training_step_reads_nothing_back_from_the_device(name, nonzeros):
+    """pretrain.train_step with a skipped (inf) and a normal step: no value is read on the host. SlotCon's slot
+    loss keeps its nonzero calls: 2 per direction, 2 directions, at each of ML-FPN's 4 levels."""
+    args = variant_args(name)
+    torch.manual_seed(0)
+    m = pretrain.build_model(args)
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = pretrain.build_optimizer(args, params)
+    crops, coords, flags = batch()
+    oks = []
+    for scale in (float("inf"), 1.0):
+        def scaled_loss(*a, scale=scale):
+            loss, logs = DeCon.forward(m, *a)
+            return loss * scale, logs
+        m.forward = scaled_loss
+        before = [p.detach().clone() for p in params]
+        with SyncOps() as count:
+            _, ok = pretrain.train_step(m, opt, params, contextlib.nullcontext(), crops, coords, flags, 0.05, 0.99)
+        oks.append(ok.item())
+        assert count.seen == ["nonzero"] * nonzeros
+        assert all(torch.equal(p, q) for p, q in zip(params, before)) == (scale != 1.0)
+    assert oks == [False, True]
 
 
 def test_images_smaller_than_the_crop_are_upsampled(tmp_path):

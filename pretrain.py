@@ -78,6 +78,8 @@ def get_args_parser():
       "(the skip dropout masks too), less memory, ~1/3 more student-decoder FLOPs")
     a("--batch-views", action="store_true", help="run each branch once on both views (2B images): BatchNorm "
       "statistics then span both views instead of one, unlike the paper")
+    a("--compile", action="store_true", help="torch.compile the student and teacher branches (the first steps "
+      "compile, which takes minutes; slower than eager for SlotCon on an H200, see the README)")
     a("--workers", type=int, default=None, help="data-loading processes per GPU (default min(8, cores))")
     a("--output-dir", default="output", help="where last.pt and metrics.jsonl go")
     a("--resume", default=None, help="a last.pt to continue from")
@@ -115,6 +117,8 @@ def finalize_args(args, parser):
                      "connections, which only the FPN decoder has")
     if args.checkpoint_decoder and args.decoder == "none":
         parser.error("--checkpoint-decoder with --decoder none: there is no decoder to recompute")
+    if compile_conflict(args):
+        parser.error(compile_conflict(args))
     if args.deep_supervision is None:
         args.deep_supervision = args.decoder == "fpn"
     elif args.deep_supervision and args.decoder != "fpn":
@@ -152,6 +156,15 @@ def finalize_args(args, parser):
 
 
 # ---------------------------------------------------------------- schedules (arrays indexed by the global step)
+
+def compile_conflict(args):
+    """The error for --compile with a --checkpoint-* flag, or None: torch.compile cannot trace the recompute's
+    guard of the BatchNorm running statistics (a checkpoint context_fn)."""
+    flags = [f"--checkpoint-{part}" for part in ("heads", "encoder", "decoder") if getattr(args, f"checkpoint_{part}")]
+    if args.compile and flags:
+        return f"--compile with {flags[0]}: torch.compile cannot trace the checkpointed recompute; use one or the other"
+    return None
+
 
 def lr_schedule(peak, final, total_steps, warmup_steps):
     """Linear warm-up from peak/100 (lr_t = peak/100 * (99 t / warmup + 1)), then cosine from peak to `final`."""
@@ -413,6 +426,9 @@ def main(args):
     if device.type == "cuda" and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(memory_format=torch.channels_last)
+    if args.compile:  # in place: the state-dict keys stay those of the eager modules
+        model.student.compile()
+        model.teacher.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(args, params)
     lrs = lr_schedule(args.base_lr * args.batch_size / 256, args.final_lr, total, int(args.warmup_epochs * iters))

@@ -569,6 +569,7 @@ def run_pretrain(*flags, env=None, timeout=300):
     (["--dropout", "0.5", "--decoder", "fcn"], "only the FPN decoder has"),
     (["--deep-supervision", "--decoder", "fcn"], "needs the FPN"),
     (["--checkpoint-decoder"], "there is no decoder to recompute"),
+    (["--compile", "--decoder", "fpn", "--checkpoint-heads"], "--compile with --checkpoint-heads: torch.compile"),
     (["--decoder", "fpn", "--image-size", "100"], "multiple of 32"),
     (["--data", "/nonexistent/folder"], "no such folder"),
 ])
@@ -591,7 +592,7 @@ def test_help_documents_every_flag():
                  "--arch", "--data", "--image-size", "--batch-size", "--epochs", "--max-steps", "--optimizer",
                  "--base-lr", "--weight-decay", "--warmup-epochs", "--num-prototypes", "--num-prototypes-dec",
                  "--dim-hidden", "--dim-out", "--queue-size", "--teacher-momentum", "--precision", "--workers",
-                 "--output-dir", "--resume", "--seed"):
+                 "--output-dir", "--resume", "--seed", "--compile"):
         assert flag in out, flag
 
 
@@ -872,6 +873,19 @@ def test_training_step_reads_nothing_back_from_the_device(name, nonzeros):
         assert count.seen == ["nonzero"] * nonzeros
         assert all(torch.equal(p, q) for p, q in zip(params, before)) == (scale != 1.0)
     assert oks == [False, True]
+
+
+def test_compile_flag_compiles_both_branches(tmp_path, monkeypatch):
+    """--compile calls Module.compile (in place) on the student and on the teacher. Stubbed here: a real compile
+    takes minutes on this CPU."""
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **kw: compiled.append(self))
+    parser = pretrain.get_args_parser()
+    args = pretrain.finalize_args(parser.parse_args(
+        [*TINY, "--compile", "--max-steps", "1", "--output-dir", str(tmp_path)]), parser)
+    pretrain.main(args)
+    assert [type(m).__name__ for m in compiled] == ["Branch", "Branch"] and compiled[0] is not compiled[1]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 1
 
 
 def test_images_smaller_than_the_crop_are_upsampled(tmp_path):
@@ -1957,6 +1971,9 @@ def test_bench_rejects_memory_estimates_of_what_it_does_not_count(capsys):
     with pytest.raises(SystemExit):
         bench.check_args(parser.parse_args(["--estimate-memory", "--baseline"]), parser)
     assert "--estimate-memory counts our training step only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.check_args(parser.parse_args(["--compile", "--checkpoint-encoder"]), parser)
+    assert "--compile with --checkpoint-encoder" in capsys.readouterr().err
 
 
 def test_live_bytes_counts_each_storage_while_it_is_alive():

@@ -155,8 +155,6 @@ def finalize_args(args, parser):
     return args
 
 
-# ---------------------------------------------------------------- schedules (arrays indexed by the global step)
-
 def compile_conflict(args):
     """The error for --compile with a --checkpoint-* flag, or None: torch.compile cannot trace the recompute's
     guard of the BatchNorm running statistics (a checkpoint context_fn)."""
@@ -165,6 +163,8 @@ def compile_conflict(args):
         return f"--compile with {flags[0]}: torch.compile cannot trace the checkpointed recompute; use one or the other"
     return None
 
+
+# ---------------------------------------------------------------- schedules (arrays indexed by the global step)
 
 def lr_schedule(peak, final, total_steps, warmup_steps):
     """Linear warm-up from peak/100 (lr_t = peak/100 * (99 t / warmup + 1)), then cosine from peak to `final`."""
@@ -471,7 +471,7 @@ def main(args):
 
     def checkpoint(epoch):
         nonlocal last_good
-        read_flags()  # the step count of skipped steps is saved; a run to stop writes nothing
+        read_flags()  # first: the checkpoint saves the skipped count; a run that must stop writes none
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
                  "skipped": skipped, "args": vars(args), "rng": rng_state(device)}
         if du.is_main():

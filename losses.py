@@ -52,9 +52,9 @@ def invaug(scores, coords, flags):
     flipped back where flags is true, so that position (i, j) of both views shows the same image point.
     """
     B, K, H, W = scores.shape
-    scale = torch.tensor([W, H, W, H], dtype=torch.float32, device=scores.device)
-    boxes = torch.cat([torch.arange(B, device=scores.device, dtype=torch.float32)[:, None],
-                       coords.float() * scale], dim=1)
+    c = coords.float()  # scaled with Python numbers: a tensor made from host data would cost a host sync on CUDA
+    boxes = torch.stack([torch.arange(B, device=c.device, dtype=torch.float32),
+                         c[:, 0] * W, c[:, 1] * H, c[:, 2] * W, c[:, 3] * H], dim=1)  # (B, 5): index, x1, y1, x2, y2
     out = roi_align(scores.float(), boxes, output_size=(H, W), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     return torch.where(flags.view(B, 1, 1, 1), out.flip(-1), out)
 

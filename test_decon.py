@@ -835,10 +835,11 @@ def test_non_finite_steps_are_read_at_log_steps_not_every_step(tmp_path, monkeyp
 
 
 class SyncOps(TorchDispatchMode):
-    """Counts the ops after which the host must wait for the device: reading a value, and nonzero (its output
-    size depends on the data)."""
+    """Counts the ops after which the host must wait for the device on CUDA: reading a value, nonzero (its output
+    size depends on the data), and a tensor made from host data (torch.tensor([...], device=...): its copy to
+    the device is a blocking one)."""
     SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-               torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default}
+               torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.lift_fresh.default}
 
     def __init__(self):
         super().__init__()

@@ -835,9 +835,9 @@ def test_non_finite_steps_are_read_at_log_steps_not_every_step(tmp_path, monkeyp
 
 
 class SyncOps(TorchDispatchMode):
-    """Counts the ops after which the host must wait for the device on CUDA: reading a value, nonzero (its output
-    size depends on the data), and a tensor made from host data (torch.tensor([...], device=...): its copy to
-    the device is a blocking one)."""
+    """Counts the ops after which the host must wait for the device on CUDA: reading a value, nonzero and
+    indexing with a boolean mask (output sizes that depend on the data), and a tensor made from host data
+    (torch.tensor([...], device=...): its copy to the device is a blocking one)."""
     SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
                torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.lift_fresh.default}
 
@@ -846,7 +846,9 @@ class SyncOps(TorchDispatchMode):
         self.seen = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.SYNCING:
+        indexing = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default)
+        masked = func in indexing and any(i is not None and i.dtype == torch.bool for i in args[1])  # x[mask]
+        if func in self.SYNCING or masked:
             self.seen.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
 

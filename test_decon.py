@@ -837,13 +837,31 @@ def test_non_finite_steps_are_read_at_log_steps_not_every_step(tmp_path, monkeyp
 class SyncOps(TorchDispatchMode):
     """Counts the ops after which the host must wait for the device on CUDA: reading a value, nonzero and
     indexing with a boolean mask (output sizes that depend on the data), and a tensor made from host data
-    (torch.tensor([...], device=...): its copy to the device is a blocking one)."""
+    (torch.tensor([...], device=...): its copy to the device is a blocking one). Copies to the host (tolist,
+    numpy, cpu) do not dispatch an op on a CPU tensor, so those methods are wrapped while the mode is on."""
     SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
                torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.lift_fresh.default}
+    TO_HOST = ("tolist", "numpy", "cpu")
 
     def __init__(self):
         super().__init__()
         self.seen = []
+        self.methods = {name: getattr(torch.Tensor, name) for name in self.TO_HOST}
+
+    def __enter__(self):
+        def recorded(name, method):
+            def call(t, *a, **kw):
+                self.seen.append(name)
+                return method(t, *a, **kw)
+            return call
+        for name, method in self.methods.items():
+            setattr(torch.Tensor, name, recorded(name, method))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self.methods.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         indexing = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default)

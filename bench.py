@@ -478,8 +478,8 @@ def check_args(a, parser):
                      "at least 0")
     if a.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
-    if pretrain.compile_conflict(a):
-        parser.error(pretrain.compile_conflict(a))
+    if conflict := pretrain.compile_conflict(a):
+        parser.error(conflict)
     if a.estimate_memory and (a.data or a.baseline or a.compile or a.host_sync):
         parser.error("--estimate-memory counts our training step only: drop --data, --baseline, --compile and "
                      "--host-sync")

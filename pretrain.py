@@ -117,8 +117,8 @@ def finalize_args(args, parser):
                      "connections, which only the FPN decoder has")
     if args.checkpoint_decoder and args.decoder == "none":
         parser.error("--checkpoint-decoder with --decoder none: there is no decoder to recompute")
-    if compile_conflict(args):
-        parser.error(compile_conflict(args))
+    if conflict := compile_conflict(args):
+        parser.error(conflict)
     if args.deep_supervision is None:
         args.deep_supervision = args.decoder == "fpn"
     elif args.deep_supervision and args.decoder != "fpn":

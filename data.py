@@ -8,6 +8,7 @@ view v's normalized coordinates (after its flip), flags[v] whether view v was fl
 import math
 import os
 import random
+import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,6 +26,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error we repor
 
 
 # ---------------------------------------------------------------- decoding
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given: the message is one line naming the file or flag."""
+
 
 def load_rgb(path):
     """Open any image as 8-bit RGB: EXIF orientation applied; grayscale, palette, RGBA/LA (on black),
@@ -56,14 +61,43 @@ def warn_once(message):
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def find_files(root, extensions):
+    """Every file under `root` whose name ends in one of `extensions` (lower case), recursive, sorted, and the
+    number of paths left out as duplicates. Symbolic links are followed, but each real directory is visited once
+    and each real file listed once, so a link loop neither repeats the images nor hangs the listing. macOS archive
+    leftovers (`__MACOSX/` folders, `._*` files) are skipped."""
+    seen_dirs, seen_files, files, dropped = set(), set(), [], 0
+    for d, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen_dirs:  # reached again through a link: its files are listed already
+            dirs[:] = []
+            dropped += sum(n.lower().endswith(extensions) for n in names)
+            continue
+        seen_dirs.add(real)
+        dirs[:] = sorted(x for x in dirs if x != "__MACOSX")
+        for name in names:
+            if name.startswith("._") or not name.lower().endswith(extensions):
+                continue
+            path = os.path.join(d, name)
+            key = os.path.realpath(path) if os.path.islink(path) else os.path.join(real, name)
+            if key in seen_files:
+                dropped += 1
+            else:
+                seen_files.add(key)
+                files.append(path)
+    return sorted(files), dropped
+
+
 def list_images(root):
-    """Every image file under `root`, recursively, sorted (COCO's train2017/ works as is)."""
+    """Every image file under `root`, recursively, sorted (COCO's train2017/ works as is); see find_files."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--data {root}: no such folder")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, followlinks=True) for f in fs
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    files, dropped = find_files(root, IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"--data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in this folder")
+    if dropped and du.is_main():
+        print(f"note: --data {root}: {dropped} paths reached again through symbolic links were left out "
+              f"({len(files)} distinct images)", flush=True)
     return files
 
 
@@ -72,7 +106,7 @@ class ImageFolder(torch.utils.data.Dataset):
     replaced by the next readable one, so a bad file never stops a run hours in."""
 
     def __init__(self, root, transform=None):
-        self.files, self.transform = list_images(root), transform
+        self.root, self.files, self.transform = root, list_images(root), transform
 
     def __len__(self):
         return len(self.files)
@@ -87,6 +121,17 @@ class ImageFolder(torch.utils.data.Dataset):
                 continue
             return self.transform(img) if self.transform else img
         raise RuntimeError(f"no readable image among the {len(self.files)} files")
+
+    def check(self):
+        """Before training: decode files in order until one works; none working is an error naming the folder."""
+        errors = []
+        for path in self.files:
+            try:
+                load_rgb(path)
+                return
+            except OSError as e:
+                errors.append(e)
+        raise DataError(f"--data {self.root}: none of its {len(self.files)} image files can be decoded ({errors[0]})")
 
 
 # ---------------------------------------------------------------- synthetic scenes
@@ -278,7 +323,10 @@ class DenseCLTwoView:
 
 
 def seed_worker(worker_id):
-    """DataLoader worker seeding: python `random` (the augmentations) follows torch's per-worker seed."""
+    """DataLoader worker start: python `random` (the augmentations) follows torch's per-worker seed, and SIGTERM
+    is ignored. A scheduler signals the whole process group; the main process decides (it saves and exits, and
+    the workers exit with it): a worker killed by the signal would make the main process fail before saving."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
@@ -311,10 +359,6 @@ DATASETS = {
 }
 SYNTHETIC_SPLIT_SEEDS = {"train": 100, "val": 101, "test": 102}  # pretrain.py's scenes use --seed (0)
 TEST_IS_VAL = ("voc", "cityscapes")  # no public test labels: the paper reports val2012 and val.fine
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used as given: the message is one line naming the file or flag."""
 
 
 LAYOUTS = "see README.md, 'Dataset layouts'"  # where the error messages send the reader
@@ -438,9 +482,8 @@ def find_folder(root, names, what):
 
 
 def files_under(folder, extensions):
-    """Every file under `folder` (recursive, sorted) whose name ends in one of `extensions` (lower case)."""
-    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder, followlinks=True) for f in fs
-                  if f.lower().endswith(extensions))
+    """Every file under `folder` (recursive, sorted, each real file once) whose name ends in one of `extensions`."""
+    return find_files(folder, extensions)[0]
 
 
 def pair_by_stem(images, masks, mask_stem, where):

@@ -5,6 +5,7 @@ torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `init_distributed` reads them (NCC
 import gc
 import inspect
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -86,3 +87,22 @@ def all_reduce_mean(x):
         dist.all_reduce(x)
         x.div_(world_size())
     return x
+
+
+def unwritable(folder):
+    """None if files can be written in `folder`, else 'FOLDER ...why not'. Probed where it exists, else in its
+    nearest existing parent (nothing is created), with a real write: os.access answers yes to root on a
+    read-only mount."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{folder} cannot be created: {probe} is a file"
+    try:
+        with tempfile.TemporaryFile(dir=probe) as f:
+            f.write(b"0")
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+    except OSError as e:
+        return f"{folder} is not writable ({e.strerror})"

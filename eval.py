@@ -194,6 +194,9 @@ def main(args):
             args.stride, args.base_size)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    out = args.output or f"{os.path.splitext(args.checkpoint)[0]}.{dataset}-{args.split}.json"
+    if problem := du.unwritable(os.path.dirname(os.path.abspath(out))):  # before the evaluation, not after it
+        raise SystemExit(f"error: cannot write {out}: {problem}")
     device = du.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
@@ -212,7 +215,6 @@ def main(args):
         print(f"{args.checkpoint} on {dataset} {args.split} ({len(data)} images, {mode} inference"
               f"{f', {crop} px windows every {stride} px' if mode == 'slide' else ''})")
         print(score_table(scores, data.classes))
-        out = args.output or f"{os.path.splitext(args.checkpoint)[0]}.{dataset}-{args.split}.json"
         report = {"command": shlex.join(["python"] + sys.argv), "checkpoint": args.checkpoint, "dataset": dataset,
                   "split": args.split, "images": len(data), "mode": mode, "crop_size": crop, "stride": stride,
                   "base_size": base_size, "miou": as_percent(scores["miou"]),

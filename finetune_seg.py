@@ -97,6 +97,9 @@ def get_args_parser():
     a("--workers", type=int, default=None, help="data-loading processes per GPU (0 = in-process; default "
       "min(8, cores))")
     a("--output-dir", default="output/seg", help="results.json, log.jsonl and seedN.pt go here")
+    a("--overwrite", action="store_true", help="replace the results of an earlier run in --output-dir")
+    a("--allow-finetuned", action="store_true", help="accept a fine-tuned seedN.pt as --pretrained (its weights "
+      "have seen labels, which a label-fraction experiment must not)")
     a("--log-every", type=int, default=20, help="write the training loss to log.jsonl every N iterations")
     a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     return p
@@ -142,6 +145,14 @@ def finalize_args(args, parser):
     for path in args.pretrained or []:
         if not os.path.isfile(path):
             parser.error(f"--pretrained {path}: no such file")
+    earlier = [n for n in ("results.json", "log.jsonl") if os.path.isfile(os.path.join(args.output_dir, n))] + \
+        sorted(n for n in (os.listdir(args.output_dir) if os.path.isdir(args.output_dir) else [])
+               if re.fullmatch(r"seed\d+\.pt", n))
+    if earlier and not args.overwrite:
+        parser.error(f"--output-dir {args.output_dir} holds an earlier run ({', '.join(earlier[:3])}); use "
+                     "--overwrite to replace it, or another --output-dir")
+    if problem := du.unwritable(args.output_dir):
+        parser.error(f"--output-dir {problem}")
     if args.transfer == "encoder+decoder" and not args.pretrained:
         parser.error("--transfer encoder+decoder needs --pretrained")
     if args.branch is not None and not args.pretrained:
@@ -206,13 +217,18 @@ def infer_arch(encoder):
     return "resnet34" if "layer3.5.conv1.weight" in encoder else "resnet18"
 
 
-def read_weights(path, branch=None):
+def read_weights(path, branch=None, allow_finetuned=False):
     """One --pretrained file -> (encoder or None, decoder or None, decoder kind or None, arch, log line)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: peek without a full read
     except Exception as e:
         raise ValueError(f"--pretrained {path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}; "
                          "Detectron2 .pkl files are not supported)") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and "num_classes" in ckpt["args"] \
+            and not allow_finetuned:
+        raise ValueError(f"--pretrained {path}: a fine-tuned checkpoint (trained with the labels of "
+                         f"--dataset {ckpt['args'].get('dataset')}), not pre-trained weights; pass "
+                         "--allow-finetuned to start from it anyway")
     if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and "framework" in ckpt["args"]:
         encoder, decoder, info = load_pretrained(path, branch)
         who = "the authors' choice for" if branch is None else "chosen by --branch, of"
@@ -241,12 +257,12 @@ def read_weights(path, branch=None):
     return encoder or None, fcn or fpn or None, kind, infer_arch(encoder), note
 
 
-def read_pretrained(paths, branch=None):
+def read_pretrained(paths, branch=None, allow_finetuned=False):
     """Every --pretrained file merged -> {"encoder", "decoder", "decoder_kind", "arch", "notes"}: a last.pt gives
     both parts of one branch, converted files what they hold (a backbone file and a head file can be combined)."""
     out = {"encoder": None, "decoder": None, "decoder_kind": None, "arch": None, "notes": []}
     for path in paths:
-        encoder, decoder, kind, arch, note = read_weights(path, branch)
+        encoder, decoder, kind, arch, note = read_weights(path, branch, allow_finetuned)
         for part, value in (("encoder", encoder), ("decoder", decoder)):
             if value is not None and out[part] is not None:
                 raise ValueError(f"--pretrained: two files hold {part} weights ({path} is the second)")
@@ -470,7 +486,7 @@ def summarize(records, classes):
 def prepare(args):
     """Everything that can fail on bad input, before training: the pre-trained weights, the --arch they imply,
     every dataset split and every mask that will be read. Returns (pretrained or None, datasets)."""
-    pretrained = read_pretrained(args.pretrained, args.branch) if args.pretrained else None
+    pretrained = read_pretrained(args.pretrained, args.branch, args.allow_finetuned) if args.pretrained else None
     if pretrained:
         if args.arch and pretrained["arch"] and args.arch != pretrained["arch"]:
             raise ValueError(f"--arch {args.arch}: --pretrained holds a {pretrained['arch']} encoder")
@@ -509,8 +525,6 @@ def main(args):
     except ValueError as e:  # data.DataError included
         raise SystemExit(f"error: {e}") from None
     os.makedirs(args.output_dir, exist_ok=True)
-    if not os.access(args.output_dir, os.W_OK):
-        raise SystemExit(f"error: --output-dir {args.output_dir} is not writable")
     command = shlex.join(["python"] + sys.argv) if du.world_size() == 1 else \
         shlex.join(["torchrun", f"--nproc_per_node={du.world_size()}"] + sys.argv)
     if du.is_main():

@@ -4,9 +4,13 @@
     torchrun --nproc_per_node 8 pretrain.py --framework slotcon --decoder fpn --alpha 0 --dropout 0.5 --data coco/train2017
 """
 import argparse
+import errno
+import glob
+import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -17,7 +21,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import distributed as du
-from data import DenseCLTwoView, ImageFolder, SlotConTwoView, SyntheticScenes, list_images, seed_worker
+from data import DataError, DenseCLTwoView, ImageFolder, SlotConTwoView, SyntheticScenes, list_images, seed_worker
 from models import DeCon
 
 # The two frameworks' own recipes (paper Sec. 3.3; SlotCon COCO script; DenseCL COCO config). A flag left
@@ -83,6 +87,10 @@ def get_args_parser():
     a("--workers", type=int, default=None, help="data-loading processes per GPU (default min(8, cores))")
     a("--output-dir", default="output", help="where last.pt and metrics.jsonl go")
     a("--resume", default=None, help="a last.pt to continue from")
+    a("--auto-resume", action="store_true", help="resume from --output-dir's last.pt when there is one, else "
+      "start fresh (for requeued scheduler jobs)")
+    a("--overwrite", action="store_true", help="start a new run in an --output-dir that holds one, deleting its "
+      "last.pt and metrics.jsonl")
     a("--save-every", type=int, default=0, help="also checkpoint every N steps (0: end of each epoch only)")
     a("--log-every", type=int, default=10, help="write metrics.jsonl every N steps")
     a("--max-bad-steps", type=int, default=3, help="stop after this many non-finite steps in a row (each is "
@@ -139,20 +147,34 @@ def finalize_args(args, parser):
             list_images(args.data)
         except FileNotFoundError as e:
             parser.error(str(e))
+    if problem := run_folder_conflict(args):
+        parser.error(problem)
     if args.resume is not None and not os.path.isfile(args.resume):
         parser.error(f"--resume {args.resume}: no such file")
-    try:  # an unwritable --output-dir must fail now, not at the first checkpoint hours later
-        os.makedirs(args.output_dir, exist_ok=True)
-        probe = os.path.join(args.output_dir, f".write-test.{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        parser.error(f"--output-dir {args.output_dir} is not writable ({e.strerror})")
+    if problem := du.unwritable(args.output_dir):  # now, not at the first checkpoint hours later
+        parser.error(f"--output-dir {problem}")
     if args.precision is None:
         args.precision = "bf16" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else "fp32"
     if args.workers is None:
         args.workers = min(8, os.cpu_count() or 1)
     return args
+
+
+def run_folder_conflict(args):
+    """Never replace a run by accident: an --output-dir holding a last.pt is continued (--resume it, or
+    --auto-resume) or explicitly started over (--overwrite). Sets args.resume for --auto-resume. Returns the
+    one-line error, or None."""
+    last = os.path.join(args.output_dir, "last.pt")
+    if args.auto_resume:
+        if args.resume or args.overwrite:
+            return f"--auto-resume with {'--resume' if args.resume else '--overwrite'}: choose one"
+        args.resume = last if os.path.isfile(last) else None
+        return None
+    continues = args.resume is not None and os.path.isfile(args.resume) and os.path.samefile(args.resume, last)
+    if os.path.isfile(last) and not (args.overwrite or continues):
+        return (f"--output-dir {args.output_dir} already holds a run ({last}); continue it with --resume {last} "
+                "(or --auto-resume), start over with --overwrite, or choose another --output-dir")
+    return None
 
 
 def compile_conflict(args):
@@ -309,6 +331,16 @@ def build_dataset(args):
     return SeededAugment(base, args.seed)
 
 
+def data_fingerprint(dataset):
+    """{"images": n, "files_sha1": hash of the sorted file list (of the scenes' definition)}, kept in last.pt."""
+    base = dataset.dataset
+    if isinstance(base, ImageFolder):
+        names = "\n".join(os.path.relpath(f, base.root) for f in base.files)
+    else:
+        names = f"synthetic scenes {base.length} size {base.size} seed {base.seed}"
+    return {"images": len(base), "files_sha1": hashlib.sha1(names.encode()).hexdigest()}
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def fail(message):
@@ -317,8 +349,13 @@ def fail(message):
     raise SystemExit(2)
 
 
+class DiskFull(OSError):
+    """No room for a checkpoint: the message names the space needed and what is free."""
+
+
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file, fsync, rename. A kill mid-save leaves the previous file intact."""
+    """Atomic: write a temporary file, fsync, rename. A kill or a full disk mid-save leaves the previous file
+    intact (a kill may leave PATH.tmp.PID behind: remove_stale_temporaries cleans those at the next start)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -326,9 +363,48 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        need = sum(t.nbytes for t in tree_tensors(state)) / 2 ** 20
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
+        raise DiskFull(e.errno, f"no space left on the device to write {path}: it needs about {need:.0f} MB, "
+                                f"{free:.0f} MB are free") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def tree_tensors(obj):
+    """Every tensor in nested dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        return [obj]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return [t for v in values for t in tree_tensors(v)]
+
+
+def start_metrics(path, resumed_step):
+    """A new run starts metrics.jsonl over; a resumed one keeps the records up to its checkpoint's step (the
+    steps after it are run again)."""
+    kept = []
+    if resumed_step is not None and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= resumed_step:
+                        kept.append(line)
+                except (ValueError, KeyError):  # a line cut by a kill
+                    pass
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def remove_stale_temporaries(path):
+    """Partial checkpoints (PATH.tmp.PID) left by a run killed while saving: checkpoint-sized, never read."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp.*"):
+        size = os.path.getsize(tmp) / 2 ** 20
+        os.remove(tmp)
+        print(f"note: removed {tmp} ({size:.0f} MB), left by a run interrupted while saving", flush=True)
 
 
 def load_resume(args):
@@ -350,6 +426,14 @@ def load_resume(args):
     return ckpt
 
 
+def warn_if_data_changed(saved, now):
+    """The dataset defines the epochs and the schedules' length: say so when a resume sees other images."""
+    if saved is not None and saved != now and du.is_main():
+        print(f"warning: the data differ from the checkpoint's ({saved['images']} images, file list "
+              f"{saved['files_sha1'][:12]} then; {now['images']} images, {now['files_sha1'][:12]} now): epochs and "
+              "schedules shift, the run will not continue the same trajectory", file=sys.stderr)
+
+
 def rng_state(device):
     """Every rank's torch (and CUDA) RNG state, gathered so that rank r resumes with its own stream."""
     cpu = du.all_gather(torch.get_rng_state().to(device)[None]).cpu()
@@ -361,9 +445,10 @@ def set_rng_state(state, device):
     if state["torch"].shape[0] != du.world_size():
         print("warning: resuming with another number of processes: RNG streams restart", file=sys.stderr)
         return
-    torch.set_rng_state(state["torch"][du.rank()])
+    # a row of the gathered (world, n) tensor is a view into it: each setter needs its own contiguous copy
+    torch.set_rng_state(state["torch"][du.rank()].clone())
     if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"][du.rank()])
+        torch.cuda.set_rng_state(state["cuda"][du.rank()].clone())
     random.setstate(state["python"])
 
 
@@ -406,8 +491,17 @@ def main(args):
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     ckpt = load_resume(args) if args.resume else None
+    os.makedirs(args.output_dir, exist_ok=True)
 
     dataset = build_dataset(args)
+    if isinstance(dataset.dataset, ImageFolder):
+        try:
+            dataset.dataset.check()
+        except DataError as e:
+            fail(str(e))
+    fingerprint = data_fingerprint(dataset)
+    if ckpt is not None:
+        warn_if_data_changed(ckpt.get("data"), fingerprint)
     batch = args.batch_size // world
     if len(dataset) < args.batch_size:
         fail(f"{len(dataset)} images is fewer than one batch of {args.batch_size}; lower --batch-size")
@@ -451,6 +545,12 @@ def main(args):
     ddp = du.ddp_without_buffer_sync(model, device) if world > 1 else model
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     last_pt = os.path.join(args.output_dir, "last.pt")
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if du.is_main():
+        remove_stale_temporaries(last_pt)
+        if args.overwrite and os.path.isfile(last_pt) and not (args.resume and os.path.samefile(args.resume, last_pt)):
+            os.remove(last_pt)
+        start_metrics(metrics_path, step if args.resume else None)
 
     def read_flags():
         """Read the NaN-guard flags of the steps since the last read, in one host sync (at log steps and before
@@ -473,13 +573,18 @@ def main(args):
         nonlocal last_good
         read_flags()  # first: the checkpoint saves the skipped count; a run that must stop writes none
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-                 "skipped": skipped, "args": vars(args), "rng": rng_state(device)}
+                 "skipped": skipped, "args": vars(args), "rng": rng_state(device), "data": fingerprint}
         if du.is_main():
-            save_checkpoint(last_pt, state)
+            try:
+                save_checkpoint(last_pt, state)
+            except DiskFull as e:
+                print(f"error: {e.strerror}. Last good checkpoint, intact: {last_good or 'none written yet'}",
+                      file=sys.stderr, flush=True)
+                raise SystemExit(1)
         last_good = f"{last_pt} (step {step})"
 
     stop = StopFlag()
-    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if du.is_main() else None
+    metrics = open(metrics_path, "a") if du.is_main() else None
     bar = tqdm(total=last_step, initial=step, disable=not du.is_main(), dynamic_ncols=True, desc="pretrain")
     model.train()
     t_log, step_log = time.perf_counter(), step
@@ -515,7 +620,7 @@ def main(args):
             if stopping:
                 checkpoint(epoch + 1 if step % iters == 0 else epoch)
                 if du.is_main():
-                    print(f"SIGTERM: saved {last_pt} at step {step}; continue with --resume {last_pt}",
+                    print(f"SIGTERM: saved {last_pt} at step {step}; continue with --resume {last_pt} or --auto-resume",
                           file=sys.stderr, flush=True)
                 ddp = None
                 du.shutdown()

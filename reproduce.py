@@ -134,7 +134,7 @@ def finetune_command(args, pretrained, transfer, fraction, out_dir):
            "--synthetic-size", str(args.image_size), "--crop-size", str(args.image_size),
            "--synthetic-train", str(args.synthetic_train), "--synthetic-test", str(args.synthetic_test),
            "--eval-every", "0", "--workers", str(args.workers if args.workers >= 2 else 0),
-           "--precision", args.precision, "--output-dir", out_dir]
+           "--precision", args.precision, "--output-dir", out_dir, "--overwrite"]  # a redone stage replaces its run
     if pretrained:
         cmd += ["--pretrained", pretrained, "--transfer", transfer]
     return cmd + (["--device", args.device] if args.device else [])

@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -624,18 +625,6 @@ def test_pretrain_script_end_to_end_and_resume(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_torchrun_two_gloo_processes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29517", "pretrain.py", "--framework", "slotcon", "--decoder", "fcn", *TINY, "--device", "cpu",
-                        "--epochs", "1", "--max-steps", "2", "--output-dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
-    assert r.returncode == 0, r.stderr[-3000:]
-    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]  # rank 0 only writes
-    assert [r["step"] for r in recs] == [1, 2] and all(math.isfinite(r["loss"]) for r in recs)
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
-
-
 # ---------------------------------------------------------------- reliability: resume, SIGTERM, DDP, NaN
 
 RESUME_FLAGS = ["--framework", "slotcon", "--decoder", "fpn", "--alpha", "0", "--dropout", "0.5", "--arch", "resnet18",
@@ -684,13 +673,47 @@ def test_sigkill_then_resume_continues_the_same_trajectory(tmp_path):
     assert all(torch.allclose(ta[k].float(), tb[k].float(), atol=1e-6) for k in ta)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    import signal
-    flags = RESUME_FLAGS[:-4] + ["--epochs", "300", "--max-steps", "1000"]
+def torchrun_pretrain(out, *flags, port, wait=True):
+    """pretrain.py under torchrun, 2 gloo processes, RESUME_FLAGS: the result, or the Popen (own process group)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "pretrain.py", *RESUME_FLAGS, "--device", "cpu", "--output-dir", str(out), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE,
+                            start_new_session=True)
+
+
+def test_two_process_run_killed_and_resumed_on_two_processes_continues_the_same_trajectory(tmp_path):
+    """torchrun, 2 gloo processes, skip dropout on (each rank's RNG stream matters): the whole job is killed
+    after its step-4 checkpoint, resumed on 2 processes, and from the checkpoint on its per-step losses equal an
+    uninterrupted run's. Rank 0 alone writes metrics.jsonl."""
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    r = torchrun_pretrain(ref, port=29531)
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = torchrun_pretrain(cut, "--save-every", "2", port=29532, wait=False)
+    _wait_for_lines(cut / "metrics.jsonl", 5, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(cut / "last.pt", weights_only=True)["step"]
+    assert 4 <= saved < 8
+    r = torchrun_pretrain(cut, "--save-every", "2", "--resume", str(cut / "last.pt"), port=29533)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _losses_by_step(ref / "metrics.jsonl"), _losses_by_step(cut / "metrics.jsonl")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for s in range(saved + 1, 9):
+        assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
+    assert [json.loads(line)["step"] for line in open(cut / "metrics.jsonl")] == list(range(1, 9))  # no repeats
+
+
+def test_sigterm_to_the_process_group_saves_and_exits_0(tmp_path):
+    """What a scheduler sends: SIGTERM to every process of the job, DataLoader workers included. The workers
+    ignore it; the main process saves last.pt and exits 0."""
+    flags = RESUME_FLAGS[:-4] + ["--workers", "2", "--epochs", "300", "--max-steps", "1000"]
     proc = subprocess.Popen([sys.executable, "pretrain.py", *flags, "--output-dir", str(tmp_path)], cwd=HERE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for_lines(tmp_path / "metrics.jsonl", 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 0, err
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
@@ -709,6 +732,119 @@ def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         pretrain.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     assert torch.load(path, weights_only=True)["step"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+
+
+def test_a_run_is_never_replaced_by_accident(tmp_path):
+    """An --output-dir holding last.pt: a new run is refused with one line; --auto-resume continues it (and starts
+    fresh where there is none); --overwrite starts over; --resume of that same last.pt continues it."""
+    out = tmp_path / "run"
+    tiny = [*TINY, "--epochs", "3", "--output-dir", str(out)]
+    fresh = run_pretrain(*tiny, "--auto-resume", "--max-steps", "1")
+    assert fresh.returncode == 0 and "resumed" not in fresh.stdout, fresh.stderr
+    refused = run_pretrain(*tiny, "--max-steps", "2")
+    last_line = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and last_line.startswith("DeCon pre-training: error: --output-dir")
+    assert f"--output-dir {out} already holds a run" in last_line and "--resume" in last_line \
+        and "--overwrite" in last_line
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 1  # untouched
+    again = run_pretrain(*tiny, "--auto-resume", "--max-steps", "2")
+    assert again.returncode == 0 and f"resumed from {out / 'last.pt'} at step 1" in again.stdout, again.stderr
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+    assert run_pretrain(*tiny, "--resume", str(out / "last.pt"), "--max-steps", "3").returncode == 0
+    over = run_pretrain(*tiny, "--overwrite", "--max-steps", "1")
+    assert over.returncode == 0 and torch.load(out / "last.pt", weights_only=True)["step"] == 1
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]  # started over
+    both = run_pretrain(*tiny, "--auto-resume", "--overwrite")
+    assert both.returncode == 2 and "--auto-resume with --overwrite: choose one" in both.stderr
+
+
+def test_symlink_loops_list_each_image_once(tmp_path, capsys):
+    """A loop through a link to an ancestor, a second loop, a link to a file already listed, macOS archive
+    leftovers: three distinct images, the duplicates counted. (Listed in a subprocess: a walk that follows
+    two loops without a stop never ends.)"""
+    root = tmp_path / "imgs"
+    (root / "a" / "b").mkdir(parents=True)
+    for path in (root / "x.png", root / "a" / "y.png", root / "a" / "b" / "z.png"):
+        _save(Image.new("RGB", (8, 8)), path)
+    os.symlink(root, root / "a" / "b" / "loop")
+    os.symlink(root / "a", root / "a" / "b" / "loop2")
+    os.symlink(root / "x.png", root / "a" / "x_again.png")
+    (root / "__MACOSX").mkdir()
+    _save(Image.new("RGB", (8, 8)), root / "__MACOSX" / "x.png")
+    (root / "._x.png").write_bytes(b"resource fork")
+    code = f"import data; print(repr(data.list_images({str(root)!r})))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert r.returncode == 0, r.stderr
+    listed = eval(r.stdout.strip().splitlines()[-1])
+    assert sorted(os.path.relpath(f, root) for f in listed) == ["a/b/z.png", "a/y.png", "x.png"]
+    assert "paths reached again through symbolic links were left out (3 distinct images)" in r.stdout
+
+
+def test_stale_partial_checkpoints_are_removed_at_start(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt.tmp.12345").write_bytes(b"x" * 2 ** 20)
+    r = run_pretrain(*TINY, "--epochs", "1", "--max-steps", "1", "--output-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["last.pt", "metrics.jsonl"]
+    assert "removed" in r.stdout and "last.pt.tmp.12345 (1 MB)" in r.stdout
+
+
+def test_full_disk_at_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+    parser = pretrain.get_args_parser()
+    args = pretrain.finalize_args(parser.parse_args(
+        [*TINY, "--save-every", "1", "--epochs", "1", "--output-dir", str(tmp_path)]), parser)
+    real_save, saves = torch.save, []
+
+    def fills_the_disk(obj, f, *a, **kw):
+        saves.append(1)
+        if len(saves) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(args)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1].split("\r")[-1]
+    err = err[err.index("error: "):]  # after the progress bar
+    assert err.startswith("error: no space left on the device to write") and "needs about" in err \
+        and "MB are free" in err and f"Last good checkpoint, intact: {tmp_path / 'last.pt'} (step 1)" in err
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "metrics.jsonl"]
+
+
+def test_resume_warns_when_the_data_changed(tmp_path):
+    out = tmp_path / "run"
+    assert run_pretrain(*TINY, "--epochs", "3", "--max-steps", "1", "--output-dir", str(out)).returncode == 0
+    data_fp = torch.load(out / "last.pt", weights_only=True)["data"]
+    assert data_fp["images"] == 16 and len(data_fp["files_sha1"]) == 40
+    same = run_pretrain(*TINY, "--epochs", "3", "--max-steps", "2", "--output-dir", str(out), "--auto-resume")
+    assert same.returncode == 0 and "data differ" not in same.stderr
+    other = run_pretrain(*TINY, "--synthetic-images", "24", "--epochs", "3", "--max-steps", "3", "--output-dir",
+                         str(out), "--auto-resume")
+    assert other.returncode == 0
+    assert "warning: the data differ from the checkpoint's (16 images" in other.stderr and "24 images" in other.stderr
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(8):
+        _save(Image.new("RGB", (40, 40), (i, 2 * i, 3 * i)), folder / f"{i}.png")
+    flags = [*TINY, "--data", str(folder), "--epochs", "3", "--output-dir", str(tmp_path / "f"), "--auto-resume"]
+    assert run_pretrain(*flags, "--max-steps", "1").returncode == 0
+    (folder / "0.png").rename(folder / "renamed.png")  # as many images, another file list
+    renamed = run_pretrain(*flags, "--max-steps", "2")
+    assert renamed.returncode == 0 and "warning: the data differ from the checkpoint's (8 images" in renamed.stderr
+
+
+def test_a_data_folder_of_broken_files_is_one_line(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(b"not a jpeg")
+    r = run_pretrain("--data", str(tmp_path), *TINY[:-2], "--output-dir", str(tmp_path / "o"), timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: --data {tmp_path}: none of its 3 image files can be decoded")
+    assert "Traceback" not in r.stderr
 
 
 DDP_SCRIPT = r'''
@@ -919,7 +1055,7 @@ def test_images_smaller_than_the_crop_are_upsampled(tmp_path):
 def test_unwritable_output_dir_fails_before_work(tmp_path):
     (tmp_path / "file").write_text("x")
     r = run_pretrain("--output-dir", str(tmp_path / "file" / "out"), timeout=60)
-    assert r.returncode == 2 and "--output-dir" in r.stderr and "not writable" in r.stderr
+    assert r.returncode == 2 and f"--output-dir {tmp_path / 'file' / 'out'} cannot be created: " in r.stderr
 
 
 def test_every_torch_load_is_weights_only():
@@ -1843,6 +1979,46 @@ def test_transfer_errors_are_one_line(tmp_path):
     torch.save({"optimizer": {"lr": 1.0}}, str(tmp_path / "junk.pt"))
     with pytest.raises(ValueError, match="junk.pt: neither a pretrain.py checkpoint nor a state dict"):
         ft.read_pretrained([str(tmp_path / "junk.pt")])
+
+
+def fake_finetuned(path, arch="resnet18", decoder="fcn", num_classes=9):
+    """A finetune_seg.py-style seedN.pt (random weights) of the built-in scenes."""
+    args = dict(vars(finetune_args("--workers", "0")), arch=arch, decoder=decoder, num_classes=num_classes)
+    torch.save({"model": Segmenter(arch, decoder, num_classes).state_dict(), "args": args, "seed": 0}, path)
+    return path
+
+
+def test_a_finetuned_checkpoint_is_not_taken_for_pretrained_weights(tmp_path):
+    path = fake_finetuned(str(tmp_path / "seed0.pt"))
+    with pytest.raises(ValueError, match="a fine-tuned checkpoint .* --dataset synthetic.*--allow-finetuned"):
+        ft.read_pretrained([path])
+    taken = ft.read_pretrained([path], allow_finetuned=True)
+    assert taken["arch"] == "resnet18" and taken["decoder_kind"] == "fcn"
+
+
+def test_finetune_output_folder_rules(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "seed3.pt").write_bytes(b"earlier run")
+    with pytest.raises(SystemExit):
+        finetune_args("--output-dir", str(out))
+    assert f"--output-dir {out} holds an earlier run (seed3.pt); use --overwrite" in capsys.readouterr().err
+    assert finetune_args("--output-dir", str(out), "--overwrite").overwrite
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):  # cannot be created: refused before any work, as one line
+        finetune_args("--output-dir", str(tmp_path / "file" / "out"))
+    assert f"--output-dir {tmp_path / 'file' / 'out'} cannot be created: {tmp_path / 'file'} is a file" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and finetune_args("--output-dir", str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()  # checked without creating anything
+
+
+def test_eval_checks_its_output_before_evaluating(tmp_path, monkeypatch):
+    path = fake_finetuned(str(tmp_path / "seed0.pt"))
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(sys.modules["eval"], "evaluate", lambda *a, **kw: pytest.fail("evaluated"))
+    with pytest.raises(SystemExit, match="error: cannot write .*file/r.json: .* cannot be created"):
+        eval_main(eval_parser().parse_args(["--checkpoint", path, "--output", str(tmp_path / "file" / "r.json")]))
 
 
 # ---------------------------------------------------------------- a short fine-tune

@@ -33,6 +33,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import data
 import pretrain
+import utils
 
 VARIANTS = {  # short name -> pretrain.py flags (the README's variant table)
     "slotcon": ["--framework", "slotcon", "--decoder", "none"],
@@ -48,7 +49,7 @@ PARTS = ("encoder", "decoder", "heads", "other")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("DeCon benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = utils.ArgumentParser("bench.py")
     a = p.add_argument
     a("--variants", default="ml-fpn", help=f"comma-separated, from {', '.join(VARIANTS)}")
     a("--arch", choices=["resnet18", "resnet34", "resnet50"], default="resnet50")
@@ -67,10 +68,7 @@ def get_args_parser():
     a("--checkpoint-encoder", action="store_true", help="activation checkpointing of the student's ResNet stages")
     a("--checkpoint-decoder", action="store_true", help="activation checkpointing of the student's decoder")
     a("--batch-views", action="store_true", help="both views as one batch (changes BatchNorm statistics)")
-    a("--compile", action="store_true", help="torch.compile the student and teacher branches")
     a("--baseline", action="store_true", help="also run the authors' configuration, interleaved, and report ratios")
-    a("--host-sync", action="store_true", help="also run ours with the host reading the NaN-guard flag after every "
-      "step (as pretrain.py did before its loop went sync-free), interleaved, and report the ratio")
     a("--flops", action=argparse.BooleanOptionalAction, default=True, help="count FLOPs on one step")
     a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core); on a CPU "
@@ -96,9 +94,7 @@ def config_name(c):
                                                          ("ckpt_heads", c["checkpoint_heads"]),
                                                          ("ckpt_enc", c["checkpoint_encoder"]),
                                                          ("ckpt_dec", c["checkpoint_decoder"]),
-                                                         ("batch_views", c["batch_views"]),
-                                                         ("compile", c["compile"]),
-                                                         ("host_sync", c.get("host_sync"))) if on])
+                                                         ("batch_views", c["batch_views"])) if on])
 
 
 def tensor_mb(tensors):
@@ -154,10 +150,8 @@ class Run:
         lr, momentum = float(self.lrs[self.step_idx]), self.moms[self.step_idx]
         self.step_idx += 1
         if not self.cfg["baseline"]:
-            logs, ok = pretrain.train_step(self.model, self.optimizer, self.params, self.ctx, self.crops,
-                                           self.coords, self.flags, lr, momentum)
-            if self.cfg.get("host_sync"):
-                bool(ok)  # the host waits for this step's backward before it queues the next step
+            logs, _ = pretrain.train_step(self.model, self.optimizer, self.ctx, self.crops, self.coords, self.flags,
+                                          lr, momentum)
             self.loss = logs["loss"]
             return
         for g in self.optimizer.param_groups:
@@ -197,14 +191,14 @@ class Run:
         self.flops = counter.get_total_flops()
         m, share, counted = self.model, dict.fromkeys(PARTS, 0.0), 0
         levels = {f"{lvl} {kind}": 0.0 for lvl in m.levels for kind in ("head", "predictor")}
-        ckpt = {"encoder": m.student.encoder.checkpoint_stages, "decoder": m.student.checkpoint_decoder}
+        ckpt = {"encoder": self.cfg["checkpoint_encoder"], "decoder": self.cfg["checkpoint_decoder"]}
+        heads = {lvl: self.cfg["checkpoint_heads"] and lvl in m.dec_levels for lvl in m.levels}
         roots = [(f"DeCon.{b}.{part}", part, 1 if b == "teacher" else 4 if ckpt[part] else 3)
                  for b in ("student", "teacher") for part in ("encoder", "decoder")]
-        roots += [(f"DeCon.{b}.heads.{lvl}", f"{lvl} head",
-                   1 if b == "teacher" else 4 if lvl in m.student.checkpoint_levels else 3)
+        roots += [(f"DeCon.{b}.heads.{lvl}", f"{lvl} head", 1 if b == "teacher" else 4 if heads[lvl] else 3)
                   for b in ("student", "teacher") for lvl in m.levels]
-        roots += [(f"DeCon.predictors.{lvl}", f"{lvl} predictor", 4 if lvl in m.student.checkpoint_levels else 3)
-                  for lvl in getattr(m, "predictors", {})]
+        roots += [(f"DeCon.objectives.{lvl}.predictor", f"{lvl} predictor", 4 if heads[lvl] else 3)
+                  for lvl in m.levels if m.framework == "slotcon"]
         for name, part, weight in roots:
             (share if part in share else levels)[part] += weight * counts.get(name, 0)
             counted += counts.get(name, 0)
@@ -258,24 +252,19 @@ class Run:
 def ours_config(a):
     return dict(baseline=False, precision=a.precision, channels_last=a.channels_last,
                 checkpoint_heads=a.checkpoint_heads, checkpoint_encoder=a.checkpoint_encoder,
-                checkpoint_decoder=a.checkpoint_decoder, batch_views=a.batch_views, compile=a.compile)
+                checkpoint_decoder=a.checkpoint_decoder, batch_views=a.batch_views)
 
 
 def bench_steps(a, device):
     ours = ours_config(a)
     authors = dict(baseline=True, precision="fp16" if device.type == "cuda" else "fp32", channels_last=False,
-                   checkpoint_heads=False, checkpoint_encoder=False, checkpoint_decoder=False, batch_views=False,
-                   compile=False)
+                   checkpoint_heads=False, checkpoint_encoder=False, checkpoint_decoder=False, batch_views=False)
     block = a.block or (5 if device.type == "cuda" else 1)
     records = []
     for variant in a.variants.split(","):
-        cfgs = [authors] * a.baseline + [ours] + [dict(ours, host_sync=True)] * a.host_sync
-        runs = [Run(variant, c, a, device) for c in cfgs]
+        runs = [Run(variant, c, a, device) for c in [authors] * a.baseline + [ours]]
         for r in runs:
             r.count() if a.flops else r.step()
-            if r.cfg["compile"]:  # after counting: FlopCounterMode runs eagerly
-                r.model.student.compile()
-                r.model.teacher.compile()
             for _ in range(a.warmup):
                 r.step()
         done = 0
@@ -288,8 +277,6 @@ def bench_steps(a, device):
         for rec in recs:
             if rec["final_loss"] != rec["final_loss"] or abs(rec["final_loss"]) == float("inf"):
                 raise SystemExit(f"error: {variant} / {rec['config']}: non-finite loss")
-        if a.host_sync:
-            recs[-2]["speedup_vs_host_sync"] = recs[-2]["img_per_s"] / recs[-1]["img_per_s"]
         if a.baseline:
             base, mine = recs[:2]
             mem = "peak_mem_mb" if device.type == "cuda" else "est_mem_mb"
@@ -308,8 +295,8 @@ class LiveBytes(TorchDispatchMode):
     """Counts the bytes of every storage an op creates, while it is alive. `peak` is the most alive at once: what
     CUDA's max_memory_allocated reports for the same ops, less its rounding and the cuBLAS / cuDNN workspaces.
     Tensors made before entering (weights, inputs) are not counted. On fake tensors, which hold no data, the
-    step's one data-dependent op gets a stand-in: nonzero keeps every position (every prototype present in every
-    view, the most memory). The step reads no scalar: the NaN guard decides on the device."""
+    step's data-dependent ops get stand-ins: nonzero keeps every position (every prototype present in every
+    view, the most memory), and the NaN guard's scalar read says "finite"."""
 
     def __init__(self):
         super().__init__()
@@ -324,6 +311,8 @@ class LiveBytes(TorchDispatchMode):
         fake = any(isinstance(t, FakeTensor) for t in tree_flatten((args, kwargs))[0])
         if fake and func is torch.ops.aten.nonzero.default:
             out = torch.zeros(args[0].numel(), args[0].dim(), dtype=torch.long, device=args[0].device)
+        elif fake and func in (torch.ops.aten.is_nonzero.default, torch.ops.aten._local_scalar_dense.default):
+            return True
         else:
             out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
@@ -435,10 +424,6 @@ def markdown(records):
         lines.append(f"| {r['variant']} | {r['config']} | {r['img_per_s']:.2f} | {r['ms_per_step']:.0f} "
                      f"| {r['peak_mem_mb']:.0f} | {fmt(r.get('est_mem_mb'), '.0f')} "
                      f"| {fmt(r['gflop_per_img'], '.1f')} | {shares} | {fmt(r.get('tflop_per_s'), '.3f')} |")
-    synced = [r for r in records if "speedup_vs_host_sync" in r]
-    if synced:
-        lines += ["", "| variant | ours | speed vs a host sync per step |", "|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['config']} | {r['speedup_vs_host_sync']:.3f}x |" for r in synced]
     ratios = [r for r in records if "speedup_vs_baseline" in r]
     if ratios:
         lines += ["", "| variant | ours | speed vs authors | memory vs authors |", "|---|---|---|---|"]
@@ -478,11 +463,8 @@ def check_args(a, parser):
                      "at least 0")
     if a.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
-    if conflict := pretrain.compile_conflict(a):
-        parser.error(conflict)
-    if a.estimate_memory and (a.data or a.baseline or a.compile or a.host_sync):
-        parser.error("--estimate-memory counts our training step only: drop --data, --baseline, --compile and "
-                     "--host-sync")
+    if a.estimate_memory and (a.data or a.baseline):
+        parser.error("--estimate-memory counts our training step only: drop --data and --baseline")
     if a.data:
         if a.data_dir is not None:
             try:

@@ -16,7 +16,6 @@ torchvision: a plain ResNet state dict; `resnet50().load_state_dict(sd, strict=F
 
 The branch defaults to what the authors export: the EMA teacher for SlotCon, the student for DenseCL.
 """
-import argparse
 import os
 import pickle
 import re
@@ -24,6 +23,7 @@ import sys
 
 import torch
 
+import utils
 from models import load_pretrained
 
 # Our encoders saw RGB in [0, 1] normalized with the ImageNet statistics; Detectron2 takes 0-255 input.
@@ -36,9 +36,8 @@ FPN_IN_CHANNELS = {"resnet18": [64, 128, 256, 512], "resnet34": [64, 128, 256, 5
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("DeCon export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Export pre-trained DeCon weights (encoder and FCN/FPN decoder) "
-                                            "to Detectron2, mmsegmentation or torchvision.")
+    p = utils.ArgumentParser("convert.py", description="Export pre-trained DeCon weights (encoder and FCN/FPN "
+                                                       "decoder) to Detectron2, mmsegmentation or torchvision.")
     a = p.add_argument
     a("--checkpoint", required=True, help="a last.pt written by pretrain.py")
     a("--to", required=True, choices=["detectron2", "mmseg", "torchvision"], help="target library")

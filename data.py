@@ -5,6 +5,7 @@ segmentation datasets of the downstream scripts (synthetic, VOC, Cityscapes, ISI
 A pre-training sample is (views (2, 3, H, W), coords (2, 4), flags (2,)): coords[v] is the two crops' overlap in
 view v's normalized coordinates (after its flip), flags[v] whether view v was flipped.
 """
+import hashlib
 import math
 import os
 import random
@@ -14,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-import distributed as du
+import utils
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -95,7 +97,7 @@ def list_images(root):
     files, dropped = find_files(root, IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"--data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in this folder")
-    if dropped and du.is_main():
+    if dropped and utils.is_main():
         print(f"note: --data {root}: {dropped} paths reached again through symbolic links were left out "
               f"({len(files)} distinct images)", flush=True)
     return files
@@ -239,7 +241,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
         return self.transform(img) if self.transform else img
 
 
-# ---------------------------------------------------------------- augmentations
+# ---------------------------------------------------------------- pre-training: two views, seeded per sample
 
 class GaussianBlur:
     """PIL Gaussian blur with sigma ~ U(0.1, 2), applied with probability p."""
@@ -248,7 +250,9 @@ class GaussianBlur:
         self.p = p
 
     def __call__(self, img):
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0))) if random.random() < self.p else img
+        if random.random() < self.p:
+            return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+        return img
 
 
 class Solarize:
@@ -322,6 +326,75 @@ class DenseCLTwoView:
                 torch.zeros(2, dtype=torch.bool))
 
 
+def pretraining_dataset(framework, image_size, min_scale, seed, folder=None, synthetic_images=2048):
+    """The two-view pre-training set: --data `folder` (checked: at least one image decodes), or the built-in scenes;
+    each sample's augmentation drawn from its own seed (SeededAugment)."""
+    view = SlotConTwoView if framework == "slotcon" else DenseCLTwoView
+    transform = view(image_size, min_scale)
+    if folder is None:
+        base = SyntheticScenes(synthetic_images, size=max(128, image_size), seed=seed, transform=transform)
+    else:
+        base = ImageFolder(folder, transform)
+        base.check()
+    return SeededAugment(base, seed)
+
+
+def data_fingerprint(dataset):
+    """{"images": n, "files_sha1": hash of the sorted file list (or of the scenes' definition)}, kept in last.pt
+    so that a resume on other data can say so."""
+    base = dataset.dataset
+    if isinstance(base, ImageFolder):
+        names = "\n".join(os.path.relpath(f, base.root) for f in base.files)
+    else:
+        names = f"synthetic scenes {base.length} size {base.size} seed {base.seed}"
+    return {"images": len(base), "files_sha1": hashlib.sha1(names.encode()).hexdigest()}
+
+
+class SeededAugment(torch.utils.data.Dataset):
+    """Makes the random augmentation of sample i in epoch e a function of (seed, e, i) alone, whatever the
+    number of workers or processes: the sampler yields e * n + i, and each draw runs under its own RNG state."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, idx = divmod(key, len(self.dataset))
+        s = (self.seed * 1_000_003 + epoch) * 10_000_019 + idx
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(s)
+            torch.manual_seed(s % 2 ** 63)
+            out = self.dataset[idx]
+        random.setstate(state)
+        return out
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Per-rank sampler over a seeded permutation per epoch, trimmed to whole global batches, that can start
+    mid-epoch (`start_batch`) so a resumed run sees exactly the batches the interrupted one would have."""
+
+    def __init__(self, n, batch_per_rank, seed):
+        self.n, self.batch, self.seed = n, batch_per_rank, seed
+        self.rank, self.world = utils.rank(), utils.world_size()
+        self.batches = n // (batch_per_rank * self.world)
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return (self.batches - self.start_batch) * self.batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)[: self.batches * self.batch * self.world]
+        mine = order.view(self.batches, self.world, self.batch)[self.start_batch:, self.rank].flatten()
+        return iter((mine + self.epoch * self.n).tolist())
+
+
 def seed_worker(worker_id):
     """DataLoader worker start: python `random` (the augmentations) follows torch's per-worker seed, and SIGTERM
     is ignored. A scheduler signals the whole process group; the main process decides (it saves and exits, and
@@ -361,7 +434,7 @@ SYNTHETIC_SPLIT_SEEDS = {"train": 100, "val": 101, "test": 102}  # pretrain.py's
 TEST_IS_VAL = ("voc", "cityscapes")  # no public test labels: the paper reports val2012 and val.fine
 
 
-LAYOUTS = "see README.md, 'Dataset layouts'"  # where the error messages send the reader
+LAYOUTS = "see docs/DATASETS.md, 'Dataset layouts'"  # where the error messages send the reader
 
 
 # ---------------------------------------------------------------- mask decoding
@@ -519,7 +592,7 @@ def voc_pairs(root, split):
         sources = [("train.txt", "SegmentationClass")]
         if os.path.isfile(os.path.join(lists, "aug.txt")):
             sources.append(("aug.txt", "SegmentationClassAug"))
-        elif du.is_main():
+        elif utils.is_main():
             print(f"note: no {os.path.join(lists, 'aug.txt')}: training on VOC train.txt only, without the SBD "
                   f"images ({LAYOUTS})", flush=True)
     else:
@@ -623,7 +696,7 @@ def build_dataset(name, split, root=None, num_classes=None, synthetic_lengths=(2
 def check_dataset(dataset, indices=None, threads=8):
     """Decode every mask among `indices` (default all; sharded over ranks) and compare its size with the image's,
     so a bad file stops the run before training rather than hours in. Raises the first DataError in index order."""
-    indices = list(range(len(dataset)) if indices is None else indices)[du.rank()::du.world_size()]
+    indices = list(range(len(dataset)) if indices is None else indices)[utils.rank()::utils.world_size()]
     with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes with the GIL released
         for _ in pool.map(dataset.check, indices):
             pass
@@ -661,3 +734,58 @@ class EvalTransform:
             s = self.base_size / min(w, h)
             image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
         return to_tensor(image), torch.from_numpy(np.asarray(mask, dtype=np.int64))
+
+
+# ---------------------------------------------------------------- fine-tuning: label fractions, sampling, crops
+
+def fraction_indices(n, fraction, seed):
+    """Training subset for (fraction, seed): the first max(1, round(fraction * n)) of a seeded permutation of
+    range(n), sorted. A seed's subsets are nested (its 5% lies inside its 25%)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return sorted(perm[:max(1, round(fraction * n))].tolist())
+
+
+class IterationSampler(torch.utils.data.Sampler):
+    """This rank's samples of `iters` global batches, drawn from seeded permutations of the n training images
+    concatenated as often as needed (a 5% subset may hold fewer images than a batch). Yields epoch * n + index,
+    the key SeededAugment turns into the sample's own RNG state, so the batches and their augmentations depend on
+    the seed alone, not on the number of processes or workers."""
+
+    def __init__(self, n, iters, batch_per_rank, seed):
+        self.n, self.iters, self.batch, self.seed = n, iters, batch_per_rank, seed
+        self.rank, self.world = utils.rank(), utils.world_size()
+
+    def __len__(self):
+        return self.iters * self.batch
+
+    def __iter__(self):
+        total = self.iters * self.batch * self.world
+        g = torch.Generator().manual_seed(self.seed)
+        epochs = -(-total // self.n)
+        stream = torch.cat([torch.randperm(self.n, generator=g) + e * self.n for e in range(epochs)])[:total]
+        return iter(stream.view(self.iters, self.world, self.batch)[:, self.rank].flatten().tolist())
+
+
+class TrainTransform:
+    """mmseg's training pipeline without photometric distortion: rescale (short side to `base_size`, None =
+    native, times a ratio ~ U(scale_range)), a random crop x crop window, horizontal flip with p = 0.5, then
+    padding bottom-right where the image is smaller than the crop (image with 0 = the mean colour after
+    normalization, mask with 255).
+    (PIL image, (H, W) ids) -> (3, crop, crop) float, (crop, crop) int64. Draws from python `random`."""
+
+    def __init__(self, crop_size, base_size=None, scale_range=(0.5, 2.0)):
+        self.crop, self.base_size, self.scale_range = crop_size, base_size, scale_range
+
+    def __call__(self, image, mask):
+        w, h = image.size
+        s = random.uniform(*self.scale_range) * (self.base_size / min(w, h) if self.base_size else 1.0)
+        w, h = max(1, round(w * s)), max(1, round(h * s))
+        image, mask = image.resize((w, h), Image.BILINEAR), Image.fromarray(mask).resize((w, h), Image.NEAREST)
+        left, top = random.randint(0, max(w - self.crop, 0)), random.randint(0, max(h - self.crop, 0))
+        box = (left, top, left + min(self.crop, w), top + min(self.crop, h))  # inside the image: PIL pads with 0
+        x = to_tensor(image.crop(box))
+        y = torch.from_numpy(np.asarray(mask.crop(box), dtype=np.int64))
+        if random.random() < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        pad = (0, self.crop - x.shape[2], 0, self.crop - x.shape[1])  # after the flip, as mmseg's Pad comes last
+        return F.pad(x, pad).contiguous(), F.pad(y, pad, value=IGNORE_INDEX).contiguous()

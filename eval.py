@@ -9,7 +9,6 @@ finetune_seg.py imports the metric and the inference from here, so a number prin
 one implementation. A checkpoint (written by finetune_seg.py) is a plain dict
 {"model": state dict, "args": the fine-tuning flags, ...} that torch.load(weights_only=True) reads.
 """
-import argparse
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import distributed as du
+import utils
 from data import DATASETS, IGNORE_INDEX, DataError, EvalTransform, Transformed, build_dataset, check_dataset
 from models import Segmenter
 
@@ -91,17 +90,17 @@ def evaluate(model, dataset, mode="whole", crop=512, stride=341, device="cpu", w
     ranks with the confusion matrices summed. Returns segmentation_scores plus the confusion matrix "cm"."""
     was_training = model.training
     model.eval()
-    shard = torch.utils.data.Subset(dataset, range(du.rank(), len(dataset), du.world_size()))
+    shard = torch.utils.data.Subset(dataset, range(utils.rank(), len(dataset), utils.world_size()))
     loader = torch.utils.data.DataLoader(shard, batch_size=1, num_workers=workers)
     k = model.num_classes
     cm = torch.zeros(k, k, dtype=torch.int64, device=device)
-    for image, mask in tqdm(loader, desc=desc, leave=False, disable=desc is None or not du.is_main()):
+    for image, mask in tqdm(loader, desc=desc, leave=False, disable=desc is None or not utils.is_main()):
         mask = mask.to(device)
         with ctx or nullcontext():
             logits = predict(model, image.to(device), mode, crop, stride, out_size=mask.shape[-2:])
         cm += confusion_matrix(logits.argmax(1), mask, k)
     model.train(was_training)
-    cm = du.all_reduce_sum(cm)
+    cm = utils.all_reduce_sum(cm)
     return {**segmentation_scores(cm), "cm": cm.cpu()}
 
 
@@ -145,9 +144,8 @@ def load_checkpoint(path):
 # ---------------------------------------------------------------- command line
 
 def get_args_parser():
-    p = argparse.ArgumentParser("DeCon segmentation evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="mIoU of a finetune_seg.py checkpoint. Unset flags take the values "
-                                            "the checkpoint was fine-tuned with.")
+    p = utils.ArgumentParser("eval.py", description="mIoU of a finetune_seg.py checkpoint. Unset flags take the "
+                                                    "values the checkpoint was fine-tuned with.")
     a = p.add_argument
     a("--checkpoint", required=True, help="a seedN.pt written by finetune_seg.py")
     a("--dataset", choices=sorted(DATASETS), default=None, help="default: the checkpoint's")
@@ -195,9 +193,9 @@ def main(args):
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     out = args.output or f"{os.path.splitext(args.checkpoint)[0]}.{dataset}-{args.split}.json"
-    if problem := du.unwritable(os.path.dirname(os.path.abspath(out))):  # before the evaluation, not after it
+    if problem := utils.unwritable(os.path.dirname(os.path.abspath(out))):  # before the evaluation, not after it
         raise SystemExit(f"error: cannot write {out}: {problem}")
-    device = du.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = utils.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
     try:
@@ -211,7 +209,7 @@ def main(args):
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     scores = evaluate(model, Transformed(data, EvalTransform(base_size)), mode, crop, stride, device, workers, ctx,
                       desc=f"eval {dataset}/{args.split}")
-    if du.is_main():
+    if utils.is_main():
         print(f"{args.checkpoint} on {dataset} {args.split} ({len(data)} images, {mode} inference"
               f"{f', {crop} px windows every {stride} px' if mode == 'slide' else ''})")
         print(score_table(scores, data.classes))
@@ -223,7 +221,7 @@ def main(args):
         with open(out, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {out}")
-    du.shutdown()
+    utils.shutdown()
     return scores
 
 

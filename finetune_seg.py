@@ -11,7 +11,6 @@ Training is mmseg 0.30's, which the paper used: SGD (lr 0.01, momentum 0.9, weig
 default), poly decay (power 0.9, floor 1e-4) per iteration, random scale 0.5-2 / crop / flip, pixel cross-entropy
 with ignore index 255. The network, datasets, metric and inference live in eval.py.
 """
-import argparse
 import json
 import math
 import os
@@ -25,15 +24,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-import distributed as du
-from data import (DATASETS, IGNORE_INDEX, TEST_IS_VAL, EvalTransform, Transformed, build_dataset, check_dataset,
-                  seed_worker, to_tensor)
+import utils
+from data import (DATASETS, IGNORE_INDEX, TEST_IS_VAL, EvalTransform, IterationSampler, SeededAugment, TrainTransform,
+                  Transformed, build_dataset, check_dataset, fraction_indices, seed_worker)
 from eval import as_percent, eval_geometry, evaluate, score_table
 from models import Segmenter, load_pretrained
-from pretrain import SeededAugment, save_checkpoint
 
 # The paper's schedule per dataset (Sec. 3.4) and the crops of the mmseg configs it follows (MoCo/SlotCon's
 # fcn_d6_r50-d16 513x513 VOC and 769x769 Cityscapes; 512x512 for the medical sets). A flag left unset takes these.
@@ -48,13 +45,12 @@ DATASET_DEFAULTS = {
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("DeCon segmentation fine-tuning",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Fine-tune ResNet + FCN/FPN for semantic segmentation and report test "
-                                            "mIoU averaged over seeds. 'None' means the dataset's value.")
+    p = utils.ArgumentParser("finetune_seg.py", description="Fine-tune ResNet + FCN/FPN for semantic segmentation "
+                                                            "and report test mIoU averaged over seeds. 'None' means "
+                                                            "the dataset's value.")
     a = p.add_argument
-    a("--dataset", choices=sorted(DATASETS), default="synthetic", help="README.md, 'Dataset layouts', shows each "
-      "layout")
+    a("--dataset", choices=sorted(DATASETS), default="synthetic", help="docs/DATASETS.md, 'Dataset layouts', shows "
+      "each layout")
     a("--data-root", default=None, help="dataset folder (all but synthetic)")
     a("--num-classes", type=int, default=None, help="classes of --dataset folder (mask ids 0..K-1, 255 = ignore)")
     a("--synthetic-size", type=int, default=128, help="side of the built-in scenes")
@@ -151,7 +147,7 @@ def finalize_args(args, parser):
     if earlier and not args.overwrite:
         parser.error(f"--output-dir {args.output_dir} holds an earlier run ({', '.join(earlier[:3])}); use "
                      "--overwrite to replace it, or another --output-dir")
-    if problem := du.unwritable(args.output_dir):
+    if problem := utils.unwritable(args.output_dir):
         parser.error(f"--output-dir {problem}")
     if args.transfer == "encoder+decoder" and not args.pretrained:
         parser.error("--transfer encoder+decoder needs --pretrained")
@@ -310,61 +306,6 @@ def transfer(model, pretrained, mode="encoder"):
     return notes + [note]
 
 
-# ---------------------------------------------------------------- data
-
-def fraction_indices(n, fraction, seed):
-    """Training subset for (fraction, seed): the first max(1, round(fraction * n)) of a seeded permutation of
-    range(n), sorted. A seed's subsets are nested (its 5% lies inside its 25%)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return sorted(perm[:max(1, round(fraction * n))].tolist())
-
-
-class TrainTransform:
-    """mmseg's training pipeline without photometric distortion: rescale (short side to `base_size`, None =
-    native, times a ratio ~ U(scale_range)), a random crop x crop window, horizontal flip with p = 0.5, then
-    padding bottom-right where the image is smaller than the crop (image with 0 = the mean colour after
-    normalization, mask with 255).
-    (PIL image, (H, W) ids) -> (3, crop, crop) float, (crop, crop) int64. Draws from python `random`."""
-
-    def __init__(self, crop_size, base_size=None, scale_range=(0.5, 2.0)):
-        self.crop, self.base_size, self.scale_range = crop_size, base_size, scale_range
-
-    def __call__(self, image, mask):
-        w, h = image.size
-        s = random.uniform(*self.scale_range) * (self.base_size / min(w, h) if self.base_size else 1.0)
-        w, h = max(1, round(w * s)), max(1, round(h * s))
-        image, mask = image.resize((w, h), Image.BILINEAR), Image.fromarray(mask).resize((w, h), Image.NEAREST)
-        left, top = random.randint(0, max(w - self.crop, 0)), random.randint(0, max(h - self.crop, 0))
-        box = (left, top, left + min(self.crop, w), top + min(self.crop, h))  # inside the image: PIL pads with 0
-        x = to_tensor(image.crop(box))
-        y = torch.from_numpy(np.asarray(mask.crop(box), dtype=np.int64))
-        if random.random() < 0.5:
-            x, y = x.flip(-1), y.flip(-1)
-        pad = (0, self.crop - x.shape[2], 0, self.crop - x.shape[1])  # after the flip, as mmseg's Pad comes last
-        return F.pad(x, pad).contiguous(), F.pad(y, pad, value=IGNORE_INDEX).contiguous()
-
-
-class IterationSampler(torch.utils.data.Sampler):
-    """This rank's samples of `iters` global batches, drawn from seeded permutations of the n training images
-    concatenated as often as needed (a 5% subset may hold fewer images than a batch). Yields epoch * n + index,
-    the key SeededAugment turns into the sample's own RNG state, so the batches and their augmentations depend on
-    the seed alone, not on the number of processes or workers."""
-
-    def __init__(self, n, iters, batch_per_rank, seed):
-        self.n, self.iters, self.batch, self.seed = n, iters, batch_per_rank, seed
-        self.rank, self.world = du.rank(), du.world_size()
-
-    def __len__(self):
-        return self.iters * self.batch
-
-    def __iter__(self):
-        total = self.iters * self.batch * self.world
-        g = torch.Generator().manual_seed(self.seed)
-        epochs = -(-total // self.n)
-        stream = torch.cat([torch.randperm(self.n, generator=g) + e * self.n for e in range(epochs)])[:total]
-        return iter(stream.view(self.iters, self.world, self.batch)[:, self.rank].flatten().tolist())
-
-
 # ---------------------------------------------------------------- optimization
 
 def poly_schedule(base_lr, iters, power=0.9, min_lr=1e-4):
@@ -389,7 +330,7 @@ def build_model(args, pretrained, device):
                                                 if args.decoder == "fcn" and model.output_stride == 32 else "")]
     notes += transfer(model, pretrained, args.transfer) if pretrained else ["random init (no --pretrained)"]
     model = model.to(device)
-    if device.type == "cuda" and du.world_size() > 1:
+    if device.type == "cuda" and utils.world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg's configs use SyncBN
     return model.to(memory_format=torch.channels_last), notes
 
@@ -402,9 +343,9 @@ def finetune(args, seed, datasets, pretrained, device, log):
     random.seed(seed)
     np.random.seed(seed)
     model, notes = build_model(args, pretrained, device)
-    if du.is_main():
+    if utils.is_main():
         print("\n".join(f"[seed {seed}] {n}" for n in notes), flush=True)
-    world = du.world_size()
+    world = utils.world_size()
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
@@ -422,7 +363,7 @@ def finetune(args, seed, datasets, pretrained, device, log):
     geometry = (args.mode, args.crop_size, args.stride)
     best = {"miou": -1.0, "iter": None, "state": None}
     last_val = None
-    bar = tqdm(total=args.iters, disable=not du.is_main(), dynamic_ncols=True, desc=f"seed {seed}")
+    bar = tqdm(total=args.iters, disable=not utils.is_main(), dynamic_ncols=True, desc=f"seed {seed}")
     model.train()
     for it, (images, masks) in enumerate(loader, 1):
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -437,7 +378,7 @@ def finetune(args, seed, datasets, pretrained, device, log):
         optimizer.step()
         bar.update(1)
         if it % args.log_every == 0 or it == args.iters:
-            value = du.all_reduce_mean(loss.detach()).item()  # the only host sync of a training step
+            value = utils.all_reduce_mean(loss.detach()).item()  # the only host sync of a training step
             if not math.isfinite(value):
                 raise SystemExit(f"error: non-finite loss {value} at iteration {it} (seed {seed})")
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lrs[it - 1]:.2e}")
@@ -446,7 +387,7 @@ def finetune(args, seed, datasets, pretrained, device, log):
             scores = evaluate(model, datasets["val"], *geometry, device, args.workers, ctx)
             last_val = scores["miou"]
             log({"seed": seed, "iter": it, "val_miou": as_percent(last_val)})
-            if du.is_main():
+            if utils.is_main():
                 bar.write(f"[seed {seed}] iter {it}: val mIoU {100 * scores['miou']:.2f}")
             if args.select == "best" and scores["miou"] > best["miou"]:
                 best = {"miou": scores["miou"], "iter": it,
@@ -458,10 +399,10 @@ def finetune(args, seed, datasets, pretrained, device, log):
     selected_iter = best["iter"] if args.select == "best" else args.iters
     scores = evaluate(model, datasets["test"], *geometry, device, args.workers, ctx, desc=f"test (seed {seed})")
     path = os.path.join(args.output_dir, f"seed{seed}.pt")
-    if du.is_main():
+    if utils.is_main():
         print(f"[seed {seed}] test, {args.select} checkpoint (iteration {selected_iter}):", flush=True)
         print(score_table(scores, datasets["train"].classes), flush=True)
-        save_checkpoint(path, {"model": {k: v.contiguous() for k, v in model.state_dict().items()},
+        utils.save_checkpoint(path, {"model": {k: v.contiguous() for k, v in model.state_dict().items()},
                                "args": vars(args), "seed": seed, "iter": selected_iter, "select": args.select,
                                "test_miou": as_percent(scores["miou"])})
     return {"seed": seed, "miou": as_percent(scores["miou"]), "pixel_acc": as_percent(scores["pixel_acc"]),
@@ -505,10 +446,10 @@ def prepare(args):
     evaluated = ["test"] + ["val"] * ("val" in data and args.dataset not in TEST_IS_VAL)
     for s in evaluated:
         check_dataset(data[s], threads=max(1, args.workers))
-    if du.is_main() and args.dataset != "synthetic":
+    if utils.is_main() and args.dataset != "synthetic":
         print(f"checked {len(used)} training and {sum(len(data[s]) for s in evaluated)} evaluation masks "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
-    if args.select == "best" and args.dataset in TEST_IS_VAL and du.is_main():
+    if args.select == "best" and args.dataset in TEST_IS_VAL and utils.is_main():
         print(f"note: {args.dataset} has no labelled test split, so test = val and --select best picks the "
               "checkpoint on the images it is scored on", flush=True)
     evaluation = EvalTransform(args.base_size)
@@ -517,21 +458,21 @@ def prepare(args):
 
 
 def main(args):
-    device = du.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.batch_size % du.world_size():
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {du.world_size()} processes")
+    device = utils.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.batch_size % utils.world_size():
+        utils.fail(f"--batch-size {args.batch_size} is not divisible by the {utils.world_size()} processes")
     try:
         pretrained, datasets = prepare(args)
     except ValueError as e:  # data.DataError included
         raise SystemExit(f"error: {e}") from None
     os.makedirs(args.output_dir, exist_ok=True)
-    command = shlex.join(["python"] + sys.argv) if du.world_size() == 1 else \
-        shlex.join(["torchrun", f"--nproc_per_node={du.world_size()}"] + sys.argv)
-    if du.is_main():
+    command = shlex.join(["python"] + sys.argv) if utils.world_size() == 1 else \
+        shlex.join(["torchrun", f"--nproc_per_node={utils.world_size()}"] + sys.argv)
+    if utils.is_main():
         for note in (pretrained or {}).get("notes", []):
             print(note, flush=True)
     # a rerun starts over, as results.json and seedN.pt do: its log does not continue the previous run's
-    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "w") if du.is_main() else None
+    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "w") if utils.is_main() else None
 
     def log(record):
         if log_file:
@@ -544,14 +485,14 @@ def main(args):
                "dataset": args.dataset, "split": "test", "decoder": args.decoder, "arch": args.arch,
                "pretrained": args.pretrained, "transfer": args.transfer, "fraction": args.fraction,
                "select": args.select, "seeds": records, "classes": list(classes), "args": vars(args)}
-    if du.is_main():
+    if utils.is_main():
         log_file.close()
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         per_seed = ", ".join(f"{r['miou']:.2f}" for r in records)
         print(f"test mIoU over seeds {args.seeds}: {results['miou_mean']:.2f} +- {results['miou_std']:.2f} "
               f"({per_seed}); wrote {os.path.join(args.output_dir, 'results.json')}", flush=True)
-    du.shutdown()
+    utils.shutdown()
     return results
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import roi_align
 
-from distributed import all_gather, all_reduce_sum, rank, world_size
+from utils import all_gather, all_reduce_sum, rank, world_size
 
 
 # ---------------------------------------------------------------- DeCon (Eq. 1-3)
@@ -129,13 +129,13 @@ def slotcon_loss(student, teacher, coords, flags, predictor, center, group_weigh
     student, teacher: per view v in (0, 1), a pair (slots (B, K, D), scores (B, K, h, w)).
     coords: (2, B, 4), flags: (2, B). SD runs on invaug-aligned scores, one row per position.
     """
-    aligned = lambda pair, v: invaug(pair[1], coords[v], flags[v]).permute(0, 2, 3, 1).flatten(0, 2)
-    s = [aligned(student[v], v) for v in (0, 1)]
-    t = [aligned(teacher[v], v) for v in (0, 1)]
-    group = self_distillation_loss(s[0], t[1], center, student_temp, teacher_temp) \
-        + self_distillation_loss(s[1], t[0], center, student_temp, teacher_temp)
-    ctr = slot_contrastive_loss(student[0][0], teacher[1][0], student[0][1], teacher[1][1], predictor, tau) \
-        + slot_contrastive_loss(student[1][0], teacher[0][0], student[1][1], teacher[0][1], predictor, tau)
+    (q1, sq1), (q2, sq2) = student
+    (k1, sk1), (k2, sk2) = teacher
+    rows = lambda scores, v: invaug(scores, coords[v], flags[v]).permute(0, 2, 3, 1).flatten(0, 2)  # (B*h*w, K)
+    sd = lambda s, t, vs, vt: self_distillation_loss(rows(s, vs), rows(t, vt), center, student_temp, teacher_temp)
+    group = sd(sq1, sk2, 0, 1) + sd(sq2, sk1, 1, 0)
+    ctr = slot_contrastive_loss(q1, k2, sq1, sk2, predictor, tau) \
+        + slot_contrastive_loss(q2, k1, sq2, sk1, predictor, tau)
     return group_weight * group + (1 - group_weight) * ctr
 
 

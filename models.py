@@ -1,24 +1,24 @@
-"""Networks: ResNet taps, FCN and FPN decoders, SlotCon / DenseCL auxiliary layers, the DeCon module, and the
+"""Networks: ResNet taps, FCN and FPN decoders, SlotCon / DenseCL heads and objectives, the DeCon module, and the
 downstream segmentation network (Segmenter).
 
 Parameter names follow the libraries users export to: torchvision for the ResNet (`conv1`, `layer1.0.conv1`),
 mmseg's FCNHead for the FCN (`convs.0.conv`, `convs.0.bn`), Detectron2's FPN (`fpn_lateral2`, `fpn_output2.norm`).
 
 Every variant is one code path: a list of supervised levels ("c5" for the encoder; "fcn" or "p2".."p5" for the
-decoder), one framework head per level in each branch, and Eq. 1-3 to combine the per-level losses.
+decoder), one framework head per level in each branch, one objective per level, and Eq. 1-3 to combine them.
 """
-import contextlib
 import copy
+import re
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.utils.checkpoint import checkpoint
 
-from distributed import all_gather, all_reduce_mean
 from losses import decon_loss, deep_supervision_loss, densecl_loss, slotcon_loss
+from utils import all_gather, all_reduce_mean
 
 ARCH_CHANNELS = {  # output channels of c2..c5
     "resnet18": (64, 128, 256, 512),
@@ -34,7 +34,6 @@ class Backbone(nn.Module):
 
     Strides 4, 8, 16, 32 (c5 at stride 16 with `dilate_c5`, the output-stride-16 backbone of mmseg's FCN).
     Zero-gamma on the last BN of each residual block, as SlotCon's ResNet does. No `fc`, no pooling.
-    `checkpoint_stages = True` recomputes each stage in backward instead of storing its activations.
     """
 
     def __init__(self, arch="resnet50", dilate_c5=False):
@@ -48,19 +47,15 @@ class Backbone(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.channels = ARCH_CHANNELS[arch]
-        self.checkpoint_stages = False
 
-    def stem_layer1(self, x):
-        return self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+    def stem(self, x):
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
 
     def forward(self, x):
-        # with `checkpoint_stages` (and grad enabled) each stage keeps only its input for backward and
-        # recomputes the rest: the stage outputs c2..c5 are kept anyway, by the decoder and the next stage
-        on = self.checkpoint_stages
-        c2 = checkpointed(self.stem_layer1, x, self, on)     # (B,  256, H/4,  W/4) for ResNet-50
-        c3 = checkpointed(self.layer2, c2, self.layer2, on)  # (B,  512, H/8,  W/8)
-        c4 = checkpointed(self.layer3, c3, self.layer3, on)  # (B, 1024, H/16, W/16)
-        c5 = checkpointed(self.layer4, c4, self.layer4, on)  # (B, 2048, H/32, W/32)
+        c2 = self.layer1(self.stem(x))  # (B,  256, H/4,  W/4) for ResNet-50
+        c3 = self.layer2(c2)            # (B,  512, H/8,  W/8)
+        c4 = self.layer3(c3)            # (B, 1024, H/16, W/16)
+        c5 = self.layer4(c4)            # (B, 2048, H/32, W/32)
         return c2, c3, c4, c5
 
 
@@ -140,18 +135,11 @@ class FPNDecoder(nn.Module):
         return out
 
 
-# ---------------------------------------------------------------- auxiliary layers
+# ---------------------------------------------------------------- framework heads (student and teacher)
 
 class MLPHead(nn.Module):
     """SlotCon's DINOHead (Linear) / DINOHead2d (1x1 conv): in -> hidden -> BN -> GELU -> hidden -> BN -> GELU
-    -> out. State-dict indices mlp.0, mlp.1, mlp.3, mlp.4, mlp.6 as in SlotCon.
-
-    `checkpoint_layers = True` (set by DeCon's checkpoint_heads on heads that are checkpointed as a whole):
-    when the whole head is recomputed in backward, that recompute would keep all six hidden maps for the head's
-    backward (at p2, batch 512: 12.25 GB each in bf16). Recomputing two pieces once more, the first layer from
-    the head's input and the second BN + GELU from the conv output, keeps at most five alive at a time (with the
-    gradients). Same numbers; one more BN + GELU pass over the hidden maps and one more first-layer conv.
-    """
+    -> out. State-dict indices mlp.0, mlp.1, mlp.3, mlp.4, mlp.6 as in SlotCon."""
 
     def __init__(self, in_dim, hidden_dim=4096, out_dim=256, spatial=True):
         super().__init__()
@@ -164,20 +152,18 @@ class MLPHead(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        self.checkpoint_layers = False
 
     def forward(self, x):
-        if not (self.checkpoint_layers and torch.is_grad_enabled()):
-            return self.mlp(x)
-        m = self.mlp
-        x = checkpointed(m[:3], x, m[1])   # in -> hidden -> BN -> GELU: only the (narrow) input is kept
-        x = m[3](x)                        # hidden -> hidden: keeps its input, the first GELU output
-        x = checkpointed(m[4:6], x, m[4])  # BN -> GELU: keeps the conv output, not the BN output
-        return m[6](x)
+        return self.mlp(x)
+
+
+class Slots(NamedTuple):
+    slots: torch.Tensor   # (B, K, D) attention-weighted means of the projections, one per prototype
+    scores: torch.Tensor  # (B, K, h, w) cosine similarity of each position's projection to each prototype
 
 
 class SlotConHead(nn.Module):
-    """Projector + semantic grouping of one level: feature (B, C, h, w) -> slots (B, K, D), scores (B, K, h, w).
+    """Projector + semantic grouping of one level: feature (B, C, h, w) -> Slots.
 
     scores = cos(prototype_k, projection(b, :, i, j)); attention = softmax over K at temperature `temp`
     (+eps); slot_k = attention-weighted mean of the (unnormalized) projections over positions.
@@ -194,13 +180,18 @@ class SlotConHead(nn.Module):
         scores = torch.einsum("kd,bdhw->bkhw", F.normalize(self.prototypes.weight, dim=1), F.normalize(x, dim=1))
         attn = F.softmax(scores / self.temp, dim=1) + self.eps                      # (B, K, h, w)
         slots = torch.einsum("bdhw,bkhw->bkd", x, attn / attn.sum((2, 3), keepdim=True))
-        return slots, scores
+        return Slots(slots, scores)
+
+
+class DenseProjections(NamedTuple):  # all L2-normalized along the channel axis; S = h * w positions
+    q: torch.Tensor       # (N, D) global projection of the pooled feature
+    grid: torch.Tensor    # (N, D, S) dense projections
+    feat: torch.Tensor    # (N, C, S) the level's own features, used only to match positions across views
+    pooled: torch.Tensor  # (N, D) the dense projections pooled: what the dense queue stores
 
 
 class DenseCLHead(nn.Module):
-    """DenseCL neck of one level (mmselfsup names `mlp`, `mlp2`): feature (N, C, h, w) ->
-    q (N, D) global projection, grid (N, D, S) dense projections, feat (N, C, S), pooled grid (N, D), all
-    L2-normalized along the channel axis; S = h * w."""
+    """DenseCL neck of one level (mmselfsup names `mlp`, `mlp2`): feature (N, C, h, w) -> DenseProjections."""
 
     def __init__(self, in_dim, hidden_dim=2048, out_dim=128):
         super().__init__()
@@ -211,70 +202,85 @@ class DenseCLHead(nn.Module):
     def forward(self, feat):
         q = F.normalize(self.mlp(feat.mean((2, 3))), dim=1)
         grid = self.mlp2(feat).flatten(2)
-        return q, F.normalize(grid, dim=1), F.normalize(feat.flatten(2), dim=1), F.normalize(grid.mean(2), dim=1)
-
-
-@contextlib.contextmanager
-def kept_bn_stats(module):
-    """On exit, put back the BatchNorm running statistics and counters of `module` as they were on entry.
-    Wraps a checkpointed recompute in backward, which would otherwise apply the running-stat update a second
-    time with the same batch. (Switching tracking off instead changes what batch_norm saves for
-    backward, which checkpoint rejects.)"""
-    saved = [(b, b.clone()) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             for b in m.buffers(recurse=False)]
-    try:
-        yield
-    finally:
-        for b, value in saved:
-            b.copy_(value)
-
-
-def checkpointed(fn, x, bn_owner, enabled=True):
-    """fn(x) under activation checkpointing: only x is saved, and fn runs again in backward. `bn_owner` is a
-    module holding every BatchNorm of fn, whose running statistics the recompute must not update twice.
-    Plain fn(x) when not `enabled` or when grad is off (nothing to recompute for)."""
-    if not (enabled and torch.is_grad_enabled()):
-        return fn(x)
-    return checkpoint(fn, x, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), kept_bn_stats(bn_owner)))
-
-
-def split_batch(out, n):
-    """Split every tensor of a nested dict / tuple / list along dim 0 into n equal parts -> list of n structures."""
-    if isinstance(out, dict):
-        parts = {k: split_batch(v, n) for k, v in out.items()}
-        return [{k: p[i] for k, p in parts.items()} for i in range(n)]
-    if isinstance(out, (tuple, list)):
-        parts = [split_batch(v, n) for v in out]
-        return [type(out)(p[i] for p in parts) for i in range(n)]
-    return list(out.chunk(n))
+        return DenseProjections(q, F.normalize(grid, dim=1), F.normalize(feat.flatten(2), dim=1),
+                                F.normalize(grid.mean(2), dim=1))
 
 
 class Branch(nn.Module):
-    """Encoder + optional decoder + one framework head per supervised level. Student and teacher are two.
-
-    Heads of the levels in `checkpoint_levels` are activation-checkpointed when grad is enabled: their hidden
-    activations (4096 channels at p2 and p3) are recomputed in backward instead of stored. So is the decoder
-    with `checkpoint_decoder` (the skip dropout draws the same masks again: checkpoint restores the RNG)."""
+    """Encoder + optional decoder + one framework head per supervised level. Student and teacher are two."""
 
     def __init__(self, encoder, decoder, heads):
         super().__init__()
         self.encoder, self.decoder, self.heads = encoder, decoder, nn.ModuleDict(heads)
-        self.checkpoint_levels = ()
-        self.checkpoint_decoder = False
 
     def features(self, x):
         """(B, 3, H, W) -> {"c5": ..., "fcn" | "p2".."p5": ...}"""
         feats = self.encoder(x)
-        out = {"c5": feats[-1]}
-        if self.decoder is not None:
-            out.update(checkpointed(self.decoder, feats, self.decoder, self.checkpoint_decoder))
-        return out
+        return {"c5": feats[-1], **(self.decoder(feats) if self.decoder is not None else {})}
 
-    def forward(self, x):
-        feats = self.features(x)
-        return {name: checkpointed(head, feats[name], head, name in self.checkpoint_levels)
-                for name, head in self.heads.items()}
+    def forward(self, views):
+        """A list of (B, 3, H, W) crops -> one {level: head output} per crop, each crop run on its own (BatchNorm
+        statistics per view, as the authors)."""
+        return [{lvl: head(feats[lvl]) for lvl, head in self.heads.items()} for feats in map(self.features, views)]
+
+
+# ---------------------------------------------------------------- framework objectives (per level, with state)
+
+class SlotConObjective(nn.Module):
+    """SlotCon's loss at one level and the state it keeps: the student-only slot predictor and the center of the
+    teacher's scores, updated after each loss (as DINO's loss updates its center). Both branches see both views."""
+    views = ((0, 1), (0, 1))  # (student's views, teacher's views)
+
+    def __init__(self, num_prototypes, dim_out=256, dim_hidden=4096, group_weight=0.5, student_temp=0.1,
+                 teacher_temp=0.07, tau=0.2, center_momentum=0.9):
+        super().__init__()
+        self.predictor = MLPHead(dim_out, dim_hidden, dim_out, spatial=False)
+        self.register_buffer("center", torch.zeros(1, num_prototypes))
+        self.group_weight, self.student_temp, self.teacher_temp = group_weight, student_temp, teacher_temp
+        self.tau, self.center_momentum = tau, center_momentum
+
+    def forward(self, student, teacher, coords, flags):
+        """student, teacher: Slots of views 1 and 2; coords (2, B, 4), flags (2, B). Returns the level's loss."""
+        loss = slotcon_loss(student, teacher, coords, flags, self.predictor, self.center, self.group_weight,
+                            self.student_temp, self.teacher_temp, self.tau)
+        self.update_center([t.scores for t in teacher])
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_scores):
+        """center <- m * center + (1 - m) * mean over ranks and positions of the raw teacher scores (B, K, h, w)."""
+        batch = torch.cat([s.float().permute(0, 2, 3, 1).flatten(0, 2) for s in teacher_scores]).mean(0, keepdim=True)
+        self.center.mul_(self.center_momentum).add_(all_reduce_mean(batch), alpha=1 - self.center_momentum)
+
+
+class DenseCLObjective(nn.Module):
+    """DenseCL's loss at one level and its two dictionaries (queues of past teacher keys): `queue` for the global
+    keys, `queue2` for the pooled dense keys. The student sees view 1, the teacher view 2."""
+    views = ((0,), (1,))
+
+    def __init__(self, dim_out=128, queue_size=16384, lam=0.5, tau=0.2):
+        super().__init__()
+        self.register_buffer("queue", F.normalize(torch.randn(dim_out, queue_size), dim=0))
+        self.register_buffer("queue2", F.normalize(torch.randn(dim_out, queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.lam, self.tau = lam, tau
+
+    def forward(self, student, teacher, coords=None, flags=None):
+        """student, teacher: one DenseProjections each. Returns the level's loss, then enqueues the teacher keys."""
+        (s,), (t,) = student, teacher
+        # the loss keeps the queues for backward: it gets copies, the originals are updated in place below
+        loss = densecl_loss(s[:3], t[:3], self.queue.clone(), self.queue2.clone(), self.lam, self.tau)
+        self.enqueue(t.q, t.pooled)
+        return loss
+
+    @torch.no_grad()
+    def enqueue(self, keys, keys2):
+        """Write the keys (N, D), gathered over ranks, into the ring buffers (D, L), without a host sync."""
+        keys, keys2 = all_gather(keys.float()), all_gather(keys2.float())
+        idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % self.queue.shape[1]
+        self.queue[:, idx] = keys.T
+        self.queue2[:, idx] = keys2.T
+        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % self.queue.shape[1])
 
 
 def decoder_levels(decoder, deep_supervision):
@@ -284,133 +290,85 @@ def decoder_levels(decoder, deep_supervision):
 # ---------------------------------------------------------------- DeCon
 
 class DeCon(nn.Module):
-    """Student and EMA teacher (encoder, decoder, heads), student-only predictors, and the per-level state
-    (SlotCon centers, DenseCL queues). forward(crops, coords, flags, momentum) -> (loss, logs).
+    """Student and EMA teacher (encoder, decoder, heads) and one objective per supervised level.
+    forward(crops, coords, flags, momentum) -> (loss, logs).
 
     Levels: "c5" (L_enc) when alpha > 0, plus the decoder levels (L_dec, or L_dds over p2..p5). A level with
-    weight 0 builds no heads, so alpha = 0 has no encoder projector, exactly as the authors' code.
-
-    Speed options, off by default: `checkpoint_heads` recomputes the student's decoder-level heads and
-    predictors in backward (same numbers, less memory, ~1/3 more head FLOPs), `checkpoint_encoder` the
-    student's ResNet stages and `checkpoint_decoder` its decoder (same numbers, ~1/3 more FLOPs of each part);
-    `batch_views` runs each branch once on both views as one batch of 2B (SlotCon; DenseCL gives each branch
-    one view, so it changes nothing there), which makes BatchNorm statistics span both views instead of one.
+    weight 0 builds nothing, so alpha = 0 has no encoder projector, exactly as the authors' code.
     """
 
     def __init__(self, framework="slotcon", arch="resnet50", decoder="none", alpha=1.0, dropout=0.0,
                  deep_supervision=False, dim_hidden=4096, dim_out=256, num_prototypes=256, num_prototypes_dec=None,
                  queue_size=16384, group_weight=0.5, student_temp=0.1, teacher_temp=0.07, center_momentum=0.9,
-                 densecl_lambda=0.5, tau=0.2, checkpoint_heads=False, checkpoint_encoder=False,
-                 checkpoint_decoder=False, batch_views=False):
+                 densecl_lambda=0.5, tau=0.2):
         super().__init__()
         if framework not in ("slotcon", "densecl"):
             raise ValueError(f"unknown framework {framework!r}")
         self.framework, self.alpha = framework, alpha
-        self.group_weight, self.student_temp, self.teacher_temp = group_weight, student_temp, teacher_temp
-        self.center_momentum, self.densecl_lambda, self.tau = center_momentum, densecl_lambda, tau
-        self.batch_views = batch_views
         self.dec_levels = decoder_levels(decoder, deep_supervision)
         self.levels = (["c5"] if alpha > 0 else []) + self.dec_levels
-
         encoder = Backbone(arch)
         c = encoder.channels
-        dec = {"none": None, "fcn": lambda: FCNDecoder(c[3]),
-               "fpn": lambda: FPNDecoder(c, 256, deep_supervision, dropout)}[decoder]
-        dec = dec() if dec is not None else None
-
-        def head(level):
-            in_dim = c[3] if level == "c5" else 256
-            if framework == "densecl":
-                return DenseCLHead(in_dim, dim_hidden, dim_out)
-            k = num_prototypes if level == "c5" else (num_prototypes_dec or num_prototypes)
-            return SlotConHead(in_dim, dim_hidden, dim_out, k, teacher_temp)
-
-        self.student = Branch(encoder, dec, {lvl: head(lvl) for lvl in self.levels})
-        self.teacher = copy.deepcopy(self.student)
-        self.teacher.requires_grad_(False)
-        if dec is not None and hasattr(self.teacher.decoder, "skip_dropout"):
-            self.teacher.decoder.skip_dropout = nn.Identity()  # skip dropout is a student-only regularizer
-        if checkpoint_heads:
-            self.student.checkpoint_levels = tuple(self.dec_levels)
-            if framework == "slotcon":  # DenseCL's heads have no BatchNorm / GELU hidden layers to split
-                for lvl in self.dec_levels:
-                    self.student.heads[lvl].projector.checkpoint_layers = True
-        self.student.encoder.checkpoint_stages = checkpoint_encoder
-        self.student.checkpoint_decoder = checkpoint_decoder
+        dec = {"none": lambda: None, "fcn": lambda: FCNDecoder(c[3]),
+               "fpn": lambda: FPNDecoder(c, 256, deep_supervision, dropout)}[decoder]()
+        width = {lvl: c[3] if lvl == "c5" else 256 for lvl in self.levels}  # input width of each level's head
+        prototypes = {lvl: num_prototypes if lvl == "c5" else (num_prototypes_dec or num_prototypes)
+                      for lvl in self.levels}
 
         if framework == "slotcon":
-            self.predictors = nn.ModuleDict({lvl: MLPHead(dim_out, dim_hidden, dim_out, spatial=False)
-                                             for lvl in self.levels})
-            for lvl in self.levels:
-                k = self.student.heads[lvl].prototypes.num_embeddings
-                self.register_buffer(f"center_{lvl}", torch.zeros(1, k))
+            heads = {lvl: SlotConHead(width[lvl], dim_hidden, dim_out, prototypes[lvl], teacher_temp)
+                     for lvl in self.levels}
         else:
-            for lvl in self.levels:
-                self.register_buffer(f"queue_{lvl}", F.normalize(torch.randn(dim_out, queue_size), dim=0))
-                self.register_buffer(f"queue2_{lvl}", F.normalize(torch.randn(dim_out, queue_size), dim=0))
-                self.register_buffer(f"queue_ptr_{lvl}", torch.zeros((), dtype=torch.long))
+            heads = {lvl: DenseCLHead(width[lvl], dim_hidden, dim_out) for lvl in self.levels}
+        self.student = Branch(encoder, dec, heads)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        if dropout > 0:
+            self.teacher.decoder.skip_dropout = nn.Identity()  # skip dropout is a student-only regularizer
+        if framework == "slotcon":
+            objective = lambda lvl: SlotConObjective(prototypes[lvl], dim_out, dim_hidden, group_weight, student_temp,
+                                                     teacher_temp, tau, center_momentum)
+        else:
+            objective = lambda lvl: DenseCLObjective(dim_out, queue_size, densecl_lambda, tau)
+        self.objectives = nn.ModuleDict({lvl: objective(lvl) for lvl in self.levels})
+        kind = SlotConObjective if framework == "slotcon" else DenseCLObjective
+        self.student_views, self.teacher_views = kind.views
+        self.register_load_state_dict_pre_hook(rename_flat_state)
 
     @torch.no_grad()
     def update_teacher(self, momentum):
         """teacher <- momentum * teacher + (1 - momentum) * student, for every parameter of the branch
         (encoder, decoder, projectors, prototypes). BN running statistics are the teacher's own."""
-        t, s = list(self.teacher.parameters()), list(self.student.parameters())
-        torch._foreach_lerp_(t, s, 1.0 - float(momentum))
-
-    @torch.no_grad()
-    def _update_center(self, level, teacher_scores):
-        """center <- m * center + (1 - m) * mean over ranks and positions of the raw teacher scores (B, K, h, w)."""
-        center = getattr(self, f"center_{level}")
-        batch = torch.cat([s.float().permute(0, 2, 3, 1).flatten(0, 2) for s in teacher_scores]).mean(0, keepdim=True)
-        center.mul_(self.center_momentum).add_(all_reduce_mean(batch), alpha=1 - self.center_momentum)
-
-    @torch.no_grad()
-    def _enqueue(self, level, keys, keys2):
-        """Write the gathered keys (N, D) into the ring-buffer queues (D, L) without a host sync."""
-        queue, queue2, ptr = (getattr(self, f"{n}_{level}") for n in ("queue", "queue2", "queue_ptr"))
-        keys, keys2 = all_gather(keys.float()), all_gather(keys2.float())
-        idx = (ptr + torch.arange(len(keys), device=ptr.device)) % queue.shape[1]
-        queue[:, idx] = keys.T
-        queue2[:, idx] = keys2.T
-        ptr.copy_((ptr + len(keys)) % queue.shape[1])
-
-    def _run(self, branch, crops, views):
-        """Outputs of `branch` per view: one call per view as the authors (BatchNorm statistics per view), or
-        with `batch_views` one call on the views concatenated (len(views) * B images), split back per view."""
-        if self.batch_views and len(views) > 1:
-            return split_batch(branch(torch.cat([crops[v] for v in views])), len(views))
-        return [branch(crops[v]) for v in views]
+        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
+            t.lerp_(s, 1.0 - float(momentum))
 
     def forward(self, crops, coords, flags, momentum):
         """crops: two (B, 3, H, W) views; coords: (2, B, 4) overlap boxes; flags: (2, B) flips;
         momentum: the teacher EMA momentum for this step (applied before the teacher runs, as SlotCon).
         Returns (loss, logs) with detached per-level losses in logs."""
         self.update_teacher(momentum)
-        views = (0, 1) if self.framework == "slotcon" else (0,)  # DenseCL: view 1 -> student, view 2 -> teacher
-        student = self._run(self.student, crops, views)
+        student = self.student([crops[v] for v in self.student_views])  # per view: {level: head output}
         with torch.no_grad():
-            teacher = self._run(self.teacher, crops, (0, 1) if self.framework == "slotcon" else (1,))
-
-        losses = {}
-        for lvl in self.levels:
-            if self.framework == "slotcon":
-                s, t = [out[lvl] for out in student], [out[lvl] for out in teacher]
-                pred = self.predictors[lvl]  # checkpointed with the heads: 4096-wide hidden rows of every slot
-                pred = partial(checkpointed, pred, bn_owner=pred, enabled=lvl in self.student.checkpoint_levels)
-                losses[lvl] = slotcon_loss(s, t, coords, flags, pred, getattr(self, f"center_{lvl}"),
-                                           self.group_weight, self.student_temp, self.teacher_temp, self.tau)
-                self._update_center(lvl, [scores for _, scores in t])
-            else:
-                s, t = student[0][lvl], teacher[0][lvl]
-                queues = [getattr(self, f"{n}_{lvl}").clone() for n in ("queue", "queue2")]  # enqueued below, in place
-                losses[lvl] = densecl_loss(s[:3], t[:3], *queues, self.densecl_lambda, self.tau)
-                self._enqueue(lvl, t[0], t[3])
-
+            teacher = self.teacher([crops[v] for v in self.teacher_views])
+        losses = {lvl: objective([s[lvl] for s in student], [t[lvl] for t in teacher], coords, flags)
+                  for lvl, objective in self.objectives.items()}
         l_enc = losses.get("c5")
-        l_dec = deep_supervision_loss([losses[lvl] for lvl in self.dec_levels]) if self.dec_levels else None
-        loss = decon_loss(l_enc, l_dec, self.alpha)
+        l_dec = deep_supervision_loss([losses[lvl] for lvl in self.dec_levels]) if self.dec_levels else None  # Eq. 3
+        loss = decon_loss(l_enc, l_dec, self.alpha)  # Eq. 1 / Eq. 2
         logs = {"loss": loss, "loss_enc": l_enc, "loss_dec": l_dec, **{f"loss_{lvl}": losses[lvl] for lvl in losses}}
         return loss, {k: v.detach() for k, v in logs.items() if v is not None}
+
+
+FLAT_STATE = re.compile(r"predictors\.(\w+)\.(.+)|(center|queue_ptr|queue2|queue)_(\w+)")
+
+
+def rename_flat_state(module, state_dict, prefix, *args):
+    """Load last.pt files that keep the per-level state on DeCon itself (`predictors.LVL.*`, `center_LVL`,
+    `queue_LVL`, `queue2_LVL`, `queue_ptr_LVL`) into the objectives (`objectives.LVL.predictor.*`, ...)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        m = FLAT_STATE.fullmatch(key[len(prefix):])
+        if m:
+            lvl, rest = (m[1], f"predictor.{m[2]}") if m[1] else (m[4], m[3])
+            state_dict[f"{prefix}objectives.{lvl}.{rest}"] = state_dict.pop(key)
 
 
 # ---------------------------------------------------------------- downstream segmentation network
@@ -489,9 +447,10 @@ def count_parameters(module):
 
 def parameter_table(model):
     """The supplement's Table 3 columns, in parameters: encoder, decoder (one branch), encoder auxiliary layers
-    (both branches' heads + predictor), decoder auxiliary layers (the same, summed over decoder levels), full."""
+    (both branches' heads + the objective's predictor), decoder auxiliary layers (the same, summed over decoder
+    levels), full."""
     aux = lambda lvls: sum(count_parameters(b.heads[lvl]) for b in (model.student, model.teacher) for lvl in lvls) \
-        + (sum(count_parameters(model.predictors[lvl]) for lvl in lvls) if hasattr(model, "predictors") else 0)
+        + sum(count_parameters(model.objectives[lvl]) for lvl in lvls)  # SlotCon's predictors
     return {
         "enc": count_parameters(model.student.encoder),
         "dec": count_parameters(model.student.decoder) if model.student.decoder is not None else 0,

@@ -1,0 +1,176 @@
+"""Helpers every script shares: one code path for 1 and N processes (each distributed helper is the identity
+without a process group), and the file I/O of checkpoints and output folders.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `init_distributed` reads them (NCCL on CUDA, gloo on CPU).
+"""
+import argparse
+import errno
+import gc
+import glob
+import inspect
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+
+# ---------------------------------------------------------------- processes
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def is_main():
+    return rank() == 0
+
+
+def init_distributed(device_type=None):
+    """Start the process group if torchrun launched us; returns the device to use (default: CUDA if present)."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return torch.device(device_type)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def shutdown():
+    """End the process group: collect what still holds it (a DistributedDataParallel wrapper: callers drop theirs
+    first), wait for every rank, then destroy it. A DDP wrapper alive at exit with one rank leaving first can abort
+    the interpreter at exit ("terminate called without an active exception")."""
+    if is_dist():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def ddp_without_buffer_sync(model, device):
+    """DistributedDataParallel that does not broadcast rank 0's buffers before each forward: every rank keeps its
+    own BatchNorm running statistics, and the centers and queues stay equal through the all-gathers. torch 2.14
+    calls the switch `forward_sync_buffers`, older versions `broadcast_buffers`."""
+    new = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        **{"forward_sync_buffers" if new else "broadcast_buffers": False})
+
+
+@torch.no_grad()
+def all_gather(x):
+    """(N, ...) on each rank -> (world * N, ...), rank-major. No gradient flows (keys only)."""
+    if not is_dist():
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def all_reduce_sum(x):
+    """Sum of `x` over ranks, in place and returned."""
+    if is_dist():
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def all_reduce_mean(x):
+    """Mean of `x` over ranks, in place and returned."""
+    if is_dist():
+        dist.all_reduce(x)
+        x.div_(world_size())
+    return x
+
+
+# ---------------------------------------------------------------- errors and files
+
+def fail(message):
+    """Bad input or settings: one line on stderr, exit status 2 (as argparse), before any work."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`error: ...`, status 2), without the usage block (--help shows it),
+    and whose --help gives every flag's default."""
+
+    def __init__(self, prog, description=None):
+        super().__init__(prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def error(self, message):
+        fail(message)
+
+
+class DiskFull(OSError):
+    """No room for a checkpoint: the message names the space needed and what is free."""
+
+
+def save_checkpoint(path, state):
+    """torch.save, atomically: write PATH.tmp.PID, fsync, rename. A kill or a full disk mid-save leaves the previous
+    file intact (a kill may leave PATH.tmp.PID behind: remove_stale_temporaries cleans it at the next start)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        need = sum(t.nbytes for t in tree_tensors(state)) / 2 ** 20
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
+        raise DiskFull(e.errno, f"no space left on the device to write {path}: it needs about {need:.0f} MB, "
+                                f"{free:.0f} MB are free") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def tree_tensors(obj):
+    """Every tensor in nested dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        return [obj]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return [t for v in values for t in tree_tensors(v)]
+
+
+def remove_stale_temporaries(path):
+    """Partial checkpoints (PATH.tmp.PID) of a run killed while saving: checkpoint-sized, never read."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp.*"):
+        size = os.path.getsize(tmp) / 2 ** 20
+        os.remove(tmp)
+        print(f"note: removed {tmp} ({size:.0f} MB), left by a run interrupted while saving", flush=True)
+
+
+def unwritable(folder):
+    """None if files can be written in `folder`, else 'FOLDER ...why not'. Probed where it exists, else in its
+    nearest existing parent (nothing is created), with a real write: os.access answers yes to root on a
+    read-only mount."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{folder} cannot be created: {probe} is a file"
+    try:
+        with tempfile.TemporaryFile(dir=probe) as f:
+            f.write(b"0")
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+    except OSError as e:
+        return f"{folder} is not writable ({e.strerror})"

@@ -12,7 +12,12 @@ mmseg:       PREFIX_backbone.pth (ResNet, torchvision names), PREFIX_decode_head
              PREFIX_neck.pth (FPN neck `lateral_convs.*` / `fpn_convs.*`), and PREFIX_full.pth with the
              `backbone.` / `decode_head.` / `neck.` prefixes for `load_from`. With a directory as --output:
              DIR/backbone.pth, DIR/decode_head.pth or DIR/neck.pth, DIR/full.pth.
-torchvision: a plain ResNet state dict; `resnet50().load_state_dict(sd, strict=False)` misses only fc.*.
+torchvision: the keys of the torchvision module the weights load into. The encoder alone: a ResNet
+             (`resnet50().load_state_dict(sd, strict=False)` misses only fc.*). With the FPN: the detection
+             backbone, `body.*` (the ResNet) and `fpn.*` (torchvision's FeaturePyramidNetwork with BatchNorm, which
+             computes our FPN: models.torchvision_fpn_key), which `maskrcnn_resnet50_fpn_v2(weights=None,
+             weights_backbone=None).backbone` loads with strict=True. `--fold-bn` folds each FPN BatchNorm into
+             its conv, for the v1 detectors (fasterrcnn_resnet50_fpn, ...) whose FPN has no norm layers.
 
 The branch defaults to what the authors export: the EMA teacher for SlotCon, the student for DenseCL.
 """
@@ -24,7 +29,7 @@ import sys
 import torch
 
 import utils
-from models import load_pretrained
+from models import load_pretrained, torchvision_fpn_key
 
 # Our encoders saw RGB in [0, 1] normalized with the ImageNet statistics; Detectron2 takes 0-255 input.
 PIXEL_MEAN = [123.675, 116.28, 103.53]
@@ -46,6 +51,10 @@ def get_args_parser():
     a("--branch", choices=["teacher", "student"], default=None, help="which branch to export (None: the "
       "framework's, teacher for SlotCon, student for DenseCL)")
     a("--part", choices=["encoder", "decoder", "both"], default="both", help="what to export")
+    a("--fold-bn", action="store_true", help="torchvision: fold each FPN BatchNorm into its conv (a conv with a "
+      "bias), for the v1 detectors whose FPN has no norm layers")
+    a("--dataset", choices=sorted(MMSEG_DATASETS), default="voc", help="mmseg: the dataset of the printed config "
+      "(classes, crop, test mode)")
     return p
 
 
@@ -111,18 +120,20 @@ def select(args):
         if args.part == "decoder":
             raise ValueError(f"--part decoder: {args.checkpoint} was pre-trained without a decoder "
                              f"(--decoder {info['decoder']}); export --part encoder")
-        if args.to != "torchvision":  # torchvision never takes a decoder: nothing to tell
-            notes.append("note: the checkpoint has no decoder (--decoder none); exported the encoder only")
+        notes.append("note: the checkpoint has no decoder (--decoder none); exported the encoder only")
         want_dec = False
-    unsupported = {"torchvision": "torchvision has no counterpart of the DeCon decoders",
-                   "detectron2": "Detectron2 has no counterpart of the FCN decoder"}
-    if want_dec and (args.to == "torchvision" or (args.to == "detectron2" and info["decoder"] == "fcn")):
+    if want_dec and info["decoder"] == "fcn" and args.to != "mmseg":  # the FPN has counterparts in both others
+        missing = f"{'Detectron2' if args.to == 'detectron2' else 'torchvision'} has no counterpart of the FCN decoder"
         if args.part == "decoder":
-            raise ValueError(f"--part decoder --to {args.to}: {unsupported[args.to]} "
-                             f"(--decoder {info['decoder']}); use --to mmseg, or --part encoder")
-        notes.append(f"note: {unsupported[args.to]}; exported the encoder only (--to mmseg takes the "
-                     f"{info['decoder'].upper()} decoder)")
+            raise ValueError(f"--part decoder --to {args.to}: {missing} (--decoder fcn); use --to mmseg, or "
+                             "--part encoder")
+        notes.append(f"note: {missing}; exported the encoder only (--to mmseg takes the FCN decoder)")
         want_dec = False
+    if args.fold_bn and args.to != "torchvision":
+        raise ValueError(f"--fold-bn is for --to torchvision (the v1 detectors' FPN), not --to {args.to}")
+    if args.fold_bn and not want_dec:
+        raise ValueError(f"--fold-bn: the export holds no FPN to fold (--decoder {info['decoder']}, "
+                         f"--part {args.part})")
     if want_dec and info["decoder"] == "fpn" and not info["deep_supervision"]:
         notes.append("note: DeCon-SL pre-trains fpn_output2 only; the other FPN output convs stay randomly "
                      "initialized downstream")
@@ -159,8 +170,52 @@ def export_mmseg(encoder, decoder, info):
     return {label: {"state_dict": sd} for label, sd in files.items()}  # mmengine's checkpoint layout
 
 
-def export_torchvision(encoder):
-    return {k: v.contiguous() for k, v in encoder.items()}
+def export_torchvision(encoder, decoder=None, fold_bn=False):
+    """The keys of the torchvision module the weights load into: a ResNet for the encoder alone; the detection
+    backbone (`body.` + the ResNet's keys, `fpn.` + FeaturePyramidNetwork's) for the encoder and the FPN; the
+    FeaturePyramidNetwork's for the FPN alone. `fold_bn`: the FPN without norm layers (fold_fpn_bn)."""
+    if decoder is None:
+        return {k: v.contiguous() for k, v in encoder.items()}
+    fpn = fold_fpn_bn(decoder) if fold_bn else {torchvision_fpn_key(k): v.contiguous() for k, v in decoder.items()}
+    if encoder is None:
+        return fpn
+    return {**{f"body.{k}": v.contiguous() for k, v in encoder.items()}, **{f"fpn.{k}": v for k, v in fpn.items()}}
+
+
+def fold_fpn_bn(decoder, eps=1e-5):
+    """Our FPN (bias-free convs, each followed by BatchNorm with eps 1e-5) -> torchvision's FPN without norm layers
+    (`inner_blocks.{s-2}.0` / `layer_blocks.{s-2}.0`, weight and bias), the same function in eval mode: per output
+    channel, scale = gamma / sqrt(running_var + eps), W' = W * scale, b' = beta - running_mean * scale."""
+    out = {}
+    for name in sorted({k.split(".")[0] for k in decoder}):
+        bn = {p: decoder[f"{name}.norm.{p}"].double() for p in ("weight", "bias", "running_mean", "running_var")}
+        scale = bn["weight"] / torch.sqrt(bn["running_var"] + eps)
+        key = torchvision_fpn_key(f"{name}.weight")  # e.g. inner_blocks.0.0.weight
+        out[key] = (decoder[f"{name}.weight"].double() * scale[:, None, None, None]).float().contiguous()
+        out[key[:-len("weight")] + "bias"] = (bn["bias"] - bn["running_mean"] * scale).float()
+    return out
+
+
+def torchvision_usage(path, info, encoder, decoder, fold_bn):
+    """The Python line that loads the torchvision export."""
+    arch, load = info["arch"], f"torch.load('{path}', weights_only=True)"
+    if decoder is None:
+        return (f"torchvision.models.{arch}().load_state_dict({load}, strict=False)  # misses only fc.weight and "
+                "fc.bias")
+    if arch == "resnet50":
+        builder = "fasterrcnn_resnet50_fpn" if fold_bn else "maskrcnn_resnet50_fpn_v2"
+        module = f"torchvision.models.detection.{builder}(weights=None, weights_backbone=None, num_classes=K).backbone"
+    elif fold_bn:
+        module = (f"torchvision.models.detection.backbone_utils.resnet_fpn_backbone(backbone_name='{arch}', "
+                  "weights=None, norm_layer=torch.nn.BatchNorm2d, trainable_layers=5)")
+    else:
+        module = (f"torchvision.models.detection.backbone_utils.BackboneWithFPN(torchvision.models.{arch}(), "
+                  f"{{'layer1': '0', 'layer2': '1', 'layer3': '2', 'layer4': '3'}}, {FPN_IN_CHANNELS[arch]}, 256, "
+                  "norm_layer=torch.nn.BatchNorm2d)")
+    module += ".fpn" if encoder is None else ""
+    if info["deep_supervision"]:
+        return f"{module}.load_state_dict({load})"
+    return f"{module}.load_state_dict({load}, strict=False)  # misses the output convs of levels 3-5 (DeCon-SL)"
 
 
 def mmseg_paths(output, labels):
@@ -178,39 +233,92 @@ def make_parent(path):
 
 # ---------------------------------------------------------------- what the user sets downstream
 
-def detectron2_config(path, info, fpn):
-    """KEY VALUE lines that can be appended to Detectron2's train_net.py command line."""
-    lines = [f"MODEL.WEIGHTS {path}", f"MODEL.RESNETS.DEPTH {DEPTHS[info['arch']]}"]
-    if DEPTHS[info["arch"]] < 50:
-        lines.append("MODEL.RESNETS.RES2_OUT_CHANNELS 64")  # basic blocks: res2 is 64 wide, not 256
-    lines += ["MODEL.RESNETS.STRIDE_IN_1X1 False",  # torchvision ResNets stride in the 3x3 conv
-              "INPUT.FORMAT RGB",
-              f'MODEL.PIXEL_MEAN "{PIXEL_MEAN}"',
-              f'MODEL.PIXEL_STD "{PIXEL_STD}"']
-    if fpn:
-        # the pre-trained fpn_* convs are conv+BN without bias: with FPN.NORM "" their norm would not load
-        lines.append("MODEL.FPN.NORM SyncBN")
+def detectron2_settings(path, info, fpn):
+    """{KEY: value} for Detectron2, as SlotCon's COCO_R_50_FPN_1x config and MoCo's VOC config set them for a
+    torchvision-style ResNet: RGB input normalized like ours, the stride in the 3x3 conv, SyncBN, no frozen stage."""
+    depth = DEPTHS[info["arch"]]
+    out = {"MODEL.WEIGHTS": path, "MODEL.PIXEL_MEAN": PIXEL_MEAN, "MODEL.PIXEL_STD": PIXEL_STD,
+           "MODEL.BACKBONE.FREEZE_AT": 0, "MODEL.RESNETS.DEPTH": depth}
+    if depth < 50:
+        out["MODEL.RESNETS.RES2_OUT_CHANNELS"] = 64  # basic blocks: res2 is 64 wide, not 256
+    out.update({"MODEL.RESNETS.STRIDE_IN_1X1": False, "MODEL.RESNETS.NORM": "SyncBN"})
+    if fpn:  # the pre-trained fpn_* convs are conv+BN without bias: with FPN.NORM "" their norm would not load
+        out["MODEL.FPN.NORM"] = "SyncBN"
+    out["INPUT.FORMAT"] = "RGB"
+    return out
+
+
+def detectron2_overrides(settings):
+    """KEY VALUE lines for train_net.py's command line."""
+    return [f'{k} "{v}"' if isinstance(v, list) else f"{k} {v}" for k, v in settings.items()]
+
+
+def detectron2_yaml(settings):
+    """The same settings as YAML lines, to merge into a config file."""
+    lines, open_path = [], []
+    for key, value in settings.items():
+        *path, leaf = key.split(".")
+        common = next((i for i, (a, b) in enumerate(zip(open_path, path)) if a != b), min(len(open_path), len(path)))
+        lines += [f"{'  ' * i}{name}:" for i, name in enumerate(path) if i >= common]
+        open_path = path
+        text = f'"{value}"' if isinstance(value, str) else value
+        lines.append(f"{'  ' * len(path)}{leaf}: {text}")
     return lines
 
 
-def mmseg_config(paths, info):
-    arch = info["arch"]
-    lines = []
-    if "backbone" in paths:
-        # mmseg's stock configs build a deep-stem ResNetV1c from ImageNet weights; ours is a plain ResNet
-        lines.append("model.pretrained = None")
-        lines.append(f"model.backbone = dict(type='ResNet', depth={DEPTHS[arch]}, style='pytorch', "
-                     f"init_cfg=dict(type='Pretrained', checkpoint='{paths['backbone']}'))")
-    if "decode_head" in paths:
-        lines.append(f"model.decode_head = dict(type='FCNHead', in_channels={C5_CHANNELS[arch]}, channels=256, "
-                     f"num_convs=2, concat_input=False, dilation=6, "
-                     f"init_cfg=dict(type='Pretrained', checkpoint='{paths['decode_head']}'))")
-    if "neck" in paths:
-        lines.append(f"model.neck = dict(type='FPN', in_channels={FPN_IN_CHANNELS[arch]}, out_channels=256, "
-                     f"num_outs=4, norm_cfg=dict(type='SyncBN', requires_grad=True), "
-                     f"init_cfg=dict(type='Pretrained', checkpoint='{paths['neck']}'))")
-    lines.append(f"or, for the whole model at once: load_from = '{paths['full']}'")
-    return lines
+MMSEG_DATASETS = {  # SlotCon's fcn_d6_r50-d16 VOC and Cityscapes configs
+    "voc": dict(num_classes=21, crop=513, test_cfg=dict(mode="whole")),
+    "cityscapes": dict(num_classes=19, crop=769, test_cfg=dict(mode="slide", crop_size=(769, 769), stride=(513, 513))),
+}
+
+
+def mmseg_model(paths, info, dataset="voc"):
+    """One complete mmseg 1.x `model` that builds as is and loads the exported files: a plain ResNet (not the
+    default ResNetV1c) with SyncBN, dilated to output stride 16 for the FCN on ResNet-50; the paper's FCN head
+    (mmseg's Normal(0.01) init of the classifier kept beside the pre-trained convs), or for an FPN export mmseg's
+    FPN neck with BN and a Semantic-FPN head; our input normalization (RGB, ImageNet mean and std)."""
+    arch, spec = info["arch"], MMSEG_DATASETS[dataset]
+    depth, fcn = DEPTHS[arch], "neck" not in paths
+    dilate = fcn and depth == 50  # torchvision's BasicBlock (ResNet-18/34) cannot dilate: our fine-tuning does not
+    norm_cfg = dict(type="SyncBN", requires_grad=True)
+    pretrained = lambda part: [dict(type="Pretrained", checkpoint=paths[part])] if part in paths else []
+    head_init = [dict(type="Normal", std=0.01, override=dict(name="conv_seg"))]
+    loss = dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)
+    model = dict(
+        type="EncoderDecoder", pretrained=None,
+        data_preprocessor=dict(type="SegDataPreProcessor", mean=PIXEL_MEAN, std=PIXEL_STD, bgr_to_rgb=True,
+                               pad_val=0, seg_pad_val=255, size=(spec["crop"], spec["crop"])),
+        backbone=dict(type="ResNet", depth=depth, num_stages=4, out_indices=(0, 1, 2, 3),
+                      dilations=(1, 1, 1, 2) if dilate else (1, 1, 1, 1),
+                      strides=(1, 2, 2, 1) if dilate else (1, 2, 2, 2),
+                      contract_dilation=True, norm_cfg=norm_cfg, norm_eval=False, style="pytorch",
+                      **({"init_cfg": pretrained("backbone")[0]} if "backbone" in paths else {})))
+    if fcn:
+        model["decode_head"] = dict(type="FCNHead", in_channels=C5_CHANNELS[arch], in_index=3, channels=256,
+                                    num_convs=2, concat_input=False, dilation=6, dropout_ratio=0,
+                                    num_classes=spec["num_classes"], norm_cfg=norm_cfg, align_corners=True,
+                                    loss_decode=loss, init_cfg=head_init + pretrained("decode_head"))
+    else:
+        model["neck"] = dict(type="FPN", in_channels=FPN_IN_CHANNELS[arch], out_channels=256, num_outs=4,
+                             norm_cfg=norm_cfg, init_cfg=pretrained("neck")[0])
+        model["decode_head"] = dict(type="FPNHead", in_channels=[256] * 4, in_index=[0, 1, 2, 3],
+                                    feature_strides=[4, 8, 16, 32], channels=128, dropout_ratio=0.1,
+                                    num_classes=spec["num_classes"], norm_cfg=norm_cfg, align_corners=False,
+                                    loss_decode=loss, init_cfg=head_init)
+    model.update(auxiliary_head=None, train_cfg=dict(), test_cfg=spec["test_cfg"])
+    return model
+
+
+def config_source(name, value):
+    """`name = dict(...)` as mmengine config source: one top-level key per line."""
+    def text(v):
+        if isinstance(v, dict):
+            return "dict(" + ", ".join(f"{k}={text(x)}" for k, x in v.items()) + ")"
+        if isinstance(v, (list, tuple)):
+            inner = ", ".join(map(text, v)) + ("," if isinstance(v, tuple) and len(v) == 1 else "")
+            return f"[{inner}]" if isinstance(v, list) else f"({inner})"
+        return repr(v)
+    return f"{name} = dict(\n" + ",\n".join(f"    {k}={text(v)}" for k, v in value.items()) + ")"
 
 
 # ---------------------------------------------------------------- main
@@ -226,7 +334,7 @@ def main(argv=None):
             paths = mmseg_paths(args.output, files)
             outputs = {paths[label]: sd for label, sd in files.items()}
         else:
-            outputs = {args.output: export_torchvision(encoder)}
+            outputs = {args.output: export_torchvision(encoder, decoder, args.fold_bn)}
         if any(os.path.abspath(path) == os.path.abspath(args.checkpoint) for path in outputs):
             raise ValueError(f"--output {args.output} would overwrite the checkpoint")
     except ValueError as e:
@@ -248,16 +356,19 @@ def main(argv=None):
     for note in notes:
         print(note)
     if args.to == "detectron2":
+        settings = detectron2_settings(args.output, info, decoder is not None)
         print("Detectron2 settings, as train_net.py command-line overrides (KEY VALUE):")
-        print("\n".join("  " + line for line in detectron2_config(args.output, info, decoder is not None)))
+        print("\n".join("  " + line for line in detectron2_overrides(settings)))
+        print("or in the config file (YAML):")
+        print("\n".join("  " + line for line in detectron2_yaml(settings)))
         if decoder is not None:
-            print('  (MODEL.FPN.NORM BN on a single GPU; never "": the FPN convs were pre-trained with BN)')
+            print('(FPN.NORM BN on a single GPU; never "": the FPN convs were pre-trained with BN)')
     elif args.to == "mmseg":
-        print("mmseg config:")
-        print("\n".join("  " + line for line in mmseg_config(paths, info)))
+        print(f"mmseg 1.x config ({args.dataset}; --dataset picks another):")
+        print(config_source("model", mmseg_model(paths, info, args.dataset)))
+        print(f"# or load all parts at once instead of the Pretrained init_cfgs: load_from = '{paths['full']}'")
     else:
-        print(f"torchvision: torchvision.models.{info['arch']}().load_state_dict(torch.load('{args.output}', "
-              f"weights_only=True), strict=False) misses only fc.weight and fc.bias")
+        print("torchvision: " + torchvision_usage(args.output, info, encoder, decoder, args.fold_bn))
 
 
 if __name__ == "__main__":

@@ -7,17 +7,18 @@ pre-trained encoder and decoder, on a fraction of the labels, and report mIoU ov
     torchrun --nproc_per_node 4 finetune_seg.py --pretrained output/last.pt --dataset refuge \
         --data-root data/REFUGE --fraction 0.05 --seeds 0 1 2
 
-Training is mmseg 0.30's, which the paper used: SGD (lr 0.01, momentum 0.9, weight decay 5e-4: mmseg's schedule
-default), poly decay (power 0.9, floor 1e-4) per iteration, random scale 0.5-2 / crop / flip, pixel cross-entropy
-with ignore index 255. The network, datasets, metric and inference live in eval.py.
+Training is mmseg 0.30's, which the paper used, with each dataset's recipe as the default (docs/DATASETS.md):
+VOC and Cityscapes as SlotCon's fcn_d6_r50-d16 configs (SGD lr 0.003 / 0.01, weight decay 1e-4, step decay x0.1 at
+70 % and 90 % of the iterations, 513 / 769 px crops, align_corners), ISIC and REFUGE as the paper (lr 0.01, poly
+decay with power 0.9, mmseg's weight decay 5e-4). Random rescale 0.5-2, crop, flip; pixel cross-entropy with ignore
+index 255. The segmentation network is in models.py; the metric and inference in eval.py.
 """
+import argparse
 import json
 import math
 import os
 import random
 import re
-import shlex
-import sys
 import time
 
 import numpy as np
@@ -27,20 +28,26 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
-from data import (DATASETS, IGNORE_INDEX, TEST_IS_VAL, EvalTransform, IterationSampler, SeededAugment, TrainTransform,
-                  Transformed, build_dataset, check_dataset, fraction_indices, seed_worker)
-from eval import as_percent, eval_geometry, evaluate, score_table
+from data import (DATASETS, IGNORE_INDEX, TEST_IS_VAL, DataError, EvalTransform, IterationSampler, SeededAugment,
+                  TrainTransform, Transformed, build_dataset, check_dataset, folder_classes, fraction_indices,
+                  seed_worker)
+from eval import as_percent, eval_geometry, evaluate, region_scores, score_table
 from models import Segmenter, load_pretrained
 
-# The paper's schedule per dataset (Sec. 3.4) and the crops of the mmseg configs it follows (MoCo/SlotCon's
-# fcn_d6_r50-d16 513x513 VOC and 769x769 Cityscapes; 512x512 for the medical sets). A flag left unset takes these.
+# Each dataset's fine-tuning recipe: VOC and Cityscapes from SlotCon's mmseg configs
+# fcn_d6_r50-d16_513x513_30k_voc12aug_moco.py and fcn_d6_r50-d16_769x769_90k_cityscapes_moco.py (schedule_30k_moco.py,
+# schedule_90k_moco.py: step decay at 21k/27k and 63k/81k, i.e. 70 % and 90 %); ISIC and REFUGE from the paper
+# (Sec. 3.4: lr 0.01, poly, power 0.9) with mmseg's schedule defaults. The geometry is data.DATASETS'. A flag left
+# unset takes these.
+POLY = dict(lr=0.01, schedule="poly", weight_decay=5e-4, align_corners=False)
+STEP = dict(schedule="step", step_fractions=(0.7, 0.9), weight_decay=1e-4, align_corners=True)
 DATASET_DEFAULTS = {
-    "synthetic": dict(iters=300, crop_size=128, select="last", eval_every=100),
-    "voc": dict(iters=30000, crop_size=513, select="last", eval_every=0),
-    "cityscapes": dict(iters=90000, crop_size=769, select="last", eval_every=0),
-    "isic2017": dict(iters=24000, crop_size=512, select="best", eval_every=500),  # best on val, reported on test
-    "refuge": dict(iters=80000, crop_size=512, select="last", eval_every=0),      # last checkpoint on test
-    "folder": dict(iters=20000, crop_size=512, select="last", eval_every=0),
+    "synthetic": dict(iters=300, crop_size=128, select="last", eval_every=100, **POLY),
+    "voc": dict(iters=30000, crop_size=513, select="last", eval_every=0, lr=0.003, **STEP),
+    "cityscapes": dict(iters=90000, crop_size=769, select="last", eval_every=0, lr=0.01, **STEP),
+    "isic2017": dict(iters=24000, crop_size=512, select="best", eval_every=500, **POLY),  # best on val, on test
+    "refuge": dict(iters=80000, crop_size=512, select="last", eval_every=0, **POLY),     # last checkpoint on test
+    "folder": dict(iters=20000, crop_size=512, select="last", eval_every=0, **POLY),
 }
 
 
@@ -58,53 +65,65 @@ def get_args_parser():
     a("--synthetic-val", type=int, default=32, help="built-in validation scenes")
     a("--synthetic-test", type=int, default=64, help="built-in test scenes")
     a("--decoder", choices=["fcn", "fpn"], default="fcn", help="segmentation head (the paper: fcn)")
-    a("--arch", choices=["resnet18", "resnet34", "resnet50"], default=None,
-      help="encoder (default: the pre-trained checkpoint's, else resnet50)")
     a("--pretrained", nargs="+", default=None, metavar="PATH",
       help="a pretrain.py last.pt, or files exported by convert.py (mmseg backbone / decode_head / neck / full, "
            "torchvision); several files are merged (e.g. a backbone and a decode_head file). None: random init")
     a("--transfer", choices=["encoder", "encoder+decoder"], default="encoder", help="what to initialize from "
       "--pretrained; a decoder of another kind than --decoder is not transferred")
-    a("--branch", choices=["teacher", "student"], default=None, help="branch of a last.pt (default: teacher for "
-      "SlotCon, student for DenseCL, as the authors export)")
     a("--fraction", type=float, default=1.0, help="fraction of the training images, a fixed subset per seed "
       "(paper: 0.05, 0.25, 1)")
-    a("--seed", type=int, default=0, help="seed of the subset, the initialization and the augmentations")
-    a("--seeds", type=int, nargs="+", default=None, help="one fine-tune per seed; report mean and std "
-      "(overrides --seed; the paper averages 3)")
     a("--iters", type=int, default=None, help="iterations (VOC 30k, Cityscapes 90k, ISIC 24k, REFUGE 80k)")
     a("--batch-size", type=int, default=16, help="global batch over all processes")
-    a("--lr", type=float, default=0.01, help="initial learning rate")
+    a("--lr", type=float, default=None, help="initial learning rate (VOC 0.003, else 0.01)")
+    a("--schedule", choices=["poly", "step"], default=None, help="lr decay per iteration (VOC, Cityscapes: step)")
+    a("--lr-steps", type=int, nargs="+", default=None, help="iterations where the step schedule multiplies the lr "
+      "by 0.1 (default: 70 %% and 90 %% of --iters)")
     a("--min-lr", type=float, default=1e-4, help="floor of the poly decay (mmseg's)")
     a("--power", type=float, default=0.9, help="poly decay power")
     a("--momentum", type=float, default=0.9, help="SGD momentum")
-    a("--weight-decay", type=float, default=5e-4, help="SGD weight decay on all parameters (mmseg's schedule "
-      "default; MoCo/SlotCon's VOC and Cityscapes configs use 1e-4)")
+    a("--weight-decay", type=float, default=None, help="SGD weight decay on all parameters (VOC, Cityscapes: 1e-4; "
+      "else mmseg's schedule default 5e-4)")
+    a("--align-corners", action=argparse.BooleanOptionalAction, default=None, help="of the logits' bilinear "
+      "upsampling (VOC, Cityscapes: on)")
     a("--crop-size", type=int, default=None, help="training crop side; also the slide-inference window")
-    a("--base-size", type=int, default=None, help="short side images are resized to before the random scaling "
-      "and at test time (0: native size; default: the dataset's)")
+    a("--base-size", type=int, default=None, help="short side images are rescaled to before the random ratio and "
+      "at test time (0: native size; default: the dataset's)")
+    a("--max-size", type=int, default=None, help="long side bound of that rescaling (0: none; VOC, Cityscapes: "
+      "2049)")
     a("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"), help="random rescaling")
     a("--eval-every", type=int, default=None, help="evaluate on val every N iterations (0: never)")
     a("--select", choices=["last", "best"], default=None, help="checkpoint reported on test: the last, or the best "
       "on val (ISIC: best; REFUGE, VOC, Cityscapes: last)")
     a("--mode", choices=["whole", "slide"], default=None, help="test-time inference (Cityscapes: slide)")
     a("--stride", type=int, default=None, help="slide-inference stride (default: the dataset's, or 2/3 crop)")
+    add_run_flags(a, "output/seg")
+    return p
+
+
+def add_run_flags(a, output_dir):
+    """The flags of a fine-tuning run's machinery, the same in finetune_seg.py and finetune_det.py."""
+    a("--arch", choices=["resnet18", "resnet34", "resnet50"], default=None,
+      help="encoder (default: the pre-trained checkpoint's, else resnet50)")
+    a("--branch", choices=["teacher", "student"], default=None, help="branch of a last.pt (default: teacher for "
+      "SlotCon, student for DenseCL, as the authors export)")
+    a("--seed", type=int, default=0, help="seed of the subset, the initialization and the augmentations")
+    a("--seeds", type=int, nargs="+", default=None, help="one fine-tune per seed; report mean and std "
+      "(overrides --seed; the paper averages 3)")
     a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (bf16 on CUDA, fp32 on CPU)")
     a("--workers", type=int, default=None, help="data-loading processes per GPU (0 = in-process; default "
       "min(8, cores))")
-    a("--output-dir", default="output/seg", help="results.json, log.jsonl and seedN.pt go here")
+    a("--output-dir", default=output_dir, help="results.json, log.jsonl and seedN.pt go here")
     a("--overwrite", action="store_true", help="replace the results of an earlier run in --output-dir")
     a("--allow-finetuned", action="store_true", help="accept a fine-tuned seedN.pt as --pretrained (its weights "
       "have seen labels, which a label-fraction experiment must not)")
-    a("--log-every", type=int, default=20, help="write the training loss to log.jsonl every N iterations")
+    a("--log-every", type=int, default=20, help="write the training losses to log.jsonl every N iterations")
     a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
-    return p
 
 
 def finalize_args(args, parser):
     """Fill the dataset's defaults and reject impossible settings with one line, before any work."""
     for k, v in DATASET_DEFAULTS[args.dataset].items():
-        if getattr(args, k) is None:
+        if getattr(args, k, None) is None:
             setattr(args, k, v)
     if args.dataset != "synthetic":
         if args.data_root is None:
@@ -112,9 +131,13 @@ def finalize_args(args, parser):
         if not os.path.isdir(args.data_root):
             parser.error(f"--data-root {args.data_root}: no such folder")
     if args.dataset == "folder":
-        if args.num_classes is None or not 2 <= args.num_classes <= 255:
+        if args.num_classes is not None and not 2 <= args.num_classes <= 255:
             parser.error(f"--dataset folder needs --num-classes between 2 and 255 (255 is the ignore index), "
                          f"got {args.num_classes}")
+        try:
+            args.num_classes = len(folder_classes(args.data_root, args.num_classes))
+        except DataError as e:
+            parser.error(str(e))
     elif args.num_classes is not None:
         parser.error(f"--num-classes is for --dataset folder; {args.dataset} has a fixed class list")
     else:
@@ -136,26 +159,28 @@ def finalize_args(args, parser):
         parser.error("--select best needs --eval-every N > 0 to evaluate on val")
     if not 0 < args.scale_range[0] <= args.scale_range[1]:
         parser.error(f"--scale-range {args.scale_range[0]} {args.scale_range[1]}: need 0 < MIN <= MAX")
-    if not 0 <= args.min_lr < args.lr:
+    if args.schedule == "poly" and not 0 <= args.min_lr < args.lr:
         parser.error(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr})")
+    if args.schedule == "step" and args.lr_steps:
+        if args.lr_steps != sorted(args.lr_steps) or not 0 < args.lr_steps[0] or args.lr_steps[-1] >= args.iters:
+            parser.error(f"--lr-steps {' '.join(map(str, args.lr_steps))}: increasing iterations within "
+                         f"(0, --iters {args.iters})")
+    elif args.schedule == "step":
+        args.lr_steps = [round(f * args.iters) for f in getattr(args, "step_fractions", (0.7, 0.9))]
+    elif args.lr_steps:
+        parser.error("--lr-steps is for --schedule step")
     for path in args.pretrained or []:
         if not os.path.isfile(path):
             parser.error(f"--pretrained {path}: no such file")
-    earlier = [n for n in ("results.json", "log.jsonl") if os.path.isfile(os.path.join(args.output_dir, n))] + \
-        sorted(n for n in (os.listdir(args.output_dir) if os.path.isdir(args.output_dir) else [])
-               if re.fullmatch(r"seed\d+\.pt", n))
-    if earlier and not args.overwrite:
-        parser.error(f"--output-dir {args.output_dir} holds an earlier run ({', '.join(earlier[:3])}); use "
-                     "--overwrite to replace it, or another --output-dir")
-    if problem := utils.unwritable(args.output_dir):
-        parser.error(f"--output-dir {problem}")
+    if problem := utils.finetune_folder_problem(args.output_dir, args.overwrite):
+        parser.error(problem)
     if args.transfer == "encoder+decoder" and not args.pretrained:
         parser.error("--transfer encoder+decoder needs --pretrained")
     if args.branch is not None and not args.pretrained:
         parser.error("--branch needs --pretrained")
     try:
-        args.mode, _, args.stride, args.base_size = eval_geometry(args.dataset, args.crop_size, args.mode,
-                                                                  args.stride, args.base_size)
+        args.mode, _, args.stride, args.base_size, args.max_size = eval_geometry(
+            args.dataset, args.crop_size, args.mode, args.stride, args.base_size, args.max_size)
     except ValueError as e:
         parser.error(str(e))
     if args.precision is None:
@@ -169,27 +194,30 @@ def finalize_args(args, parser):
 # ---------------------------------------------------------------- pre-trained weights
 
 ENCODER_KEY = re.compile(r"(conv1|bn1|layer[1-4])\.")
-MMSEG_NECK_KEY = re.compile(r"(lateral_convs|fpn_convs)\.([0-3])\.(conv|bn)\.(\w+)")
+# the FPN names of convert.py's exports: mmseg's neck (lateral_convs.{s-2}.conv / .bn, fpn_convs...) and
+# torchvision's FeaturePyramidNetwork (inner_blocks.{s-2}.0 / .1, layer_blocks...)
+EXPORTED_FPN_KEY = re.compile(r"(lateral_convs|fpn_convs|inner_blocks|layer_blocks)\.([0-3])\.(conv|bn|0|1)\.(\w+)")
 
 
 def fpn_key(match):
-    """mmseg FPN neck key (convert.py's export) -> our Detectron2 name: lateral_convs.{s-2}.conv.weight ->
-    fpn_lateral{s}.weight, fpn_convs.{s-2}.bn.X -> fpn_output{s}.norm.X."""
+    """An exported FPN key -> our Detectron2 name: lateral_convs.{s-2}.conv.weight (inner_blocks.{s-2}.0.weight)
+    -> fpn_lateral{s}.weight, fpn_convs.{s-2}.bn.X (layer_blocks.{s-2}.1.X) -> fpn_output{s}.norm.X."""
     module, index, layer, param = match.groups()
-    name = f"fpn_{'lateral' if module == 'lateral_convs' else 'output'}{int(index) + 2}"
-    return f"{name}.{param}" if layer == "conv" else f"{name}.norm.{param}"
+    name = f"fpn_{'lateral' if module in ('lateral_convs', 'inner_blocks') else 'output'}{int(index) + 2}"
+    return f"{name}.{param}" if layer in ("conv", "0") else f"{name}.norm.{param}"
 
 
 def split_state_dict(sd):
-    """{name: tensor} -> (encoder, fcn, fpn, ignored names). Strips `module.` and the mmseg prefixes `backbone.`,
-    `decode_head.`, `neck.`, then sorts by name: torchvision ResNet (`conv1`, `bn1`, `layer*`), FCN body (`convs.*`),
-    FPN (`fpn_lateral*`, `fpn_output*`, or mmseg's `lateral_convs` / `fpn_convs`). `fc.*`, `conv_seg.*` and the
-    like are ignored: no classifier is transferred."""
+    """{name: tensor} -> (encoder, fcn, fpn, ignored names). Strips `module.`, the mmseg prefixes `backbone.`,
+    `decode_head.`, `neck.` and torchvision's detection-backbone prefixes `body.`, `fpn.`, then sorts by name:
+    torchvision ResNet (`conv1`, `bn1`, `layer*`), FCN body (`convs.*`), FPN (`fpn_lateral*`, `fpn_output*`, or the
+    exported mmseg / torchvision names). `fc.*`, `conv_seg.*` and the like are ignored: no classifier is
+    transferred."""
     encoder, fcn, fpn, ignored = {}, {}, {}, []
     for name, tensor in sd.items():
         key = name[len("module."):] if name.startswith("module.") else name
-        key = re.sub(r"^(backbone|decode_head|neck)\.", "", key)
-        neck = MMSEG_NECK_KEY.fullmatch(key)
+        key = re.sub(r"^(backbone|decode_head|neck|body|fpn)\.", "", key)
+        neck = EXPORTED_FPN_KEY.fullmatch(key)
         key = fpn_key(neck) if neck else key
         if ENCODER_KEY.match(key):
             encoder[key] = tensor
@@ -314,6 +342,17 @@ def poly_schedule(base_lr, iters, power=0.9, min_lr=1e-4):
     return (base_lr - min_lr) * (1 - np.arange(iters) / iters) ** power + min_lr
 
 
+def step_schedule(base_lr, iters, steps, gamma=0.1):
+    """Learning rate of iterations t = 0..iters-1, mmcv's step policy: base_lr * gamma ** (number of steps <= t)."""
+    return base_lr * gamma ** np.searchsorted(np.asarray(steps), np.arange(iters), side="right")
+
+
+def lr_schedule(args):
+    if args.schedule == "step":
+        return step_schedule(args.lr, args.iters, args.lr_steps)
+    return poly_schedule(args.lr, args.iters, args.power, args.min_lr)
+
+
 def seg_loss(logits, target):
     """Pixel cross-entropy as mmseg 0.30 computes it (avg_non_ignore=False): ignored pixels contribute 0 but count
     in the mean. logits (B, K, H, W), target (B, H, W) int64 with 255 = ignore."""
@@ -324,7 +363,7 @@ def seg_loss(logits, target):
 
 def build_model(args, pretrained, device):
     """Segmenter initialized from `pretrained` (or randomly), on `device`; returns (model, log lines)."""
-    model = Segmenter(args.arch, args.decoder, args.num_classes)
+    model = Segmenter(args.arch, args.decoder, args.num_classes, args.align_corners)
     notes = [f"model: {args.arch} + {args.decoder.upper()} head, {args.num_classes} classes, encoder output "
              f"stride {model.output_stride}" + (" (torchvision's BasicBlock cannot dilate c5)"
                                                 if args.decoder == "fcn" and model.output_stride == 32 else "")]
@@ -350,12 +389,12 @@ def finetune(args, seed, datasets, pretrained, device, log):
         model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                 foreach=True)  # one fused update on CPU too (torch picks it only on CUDA)
-    lrs = poly_schedule(args.lr, args.iters, args.power, args.min_lr)
+    lrs = lr_schedule(args)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     indices = fraction_indices(len(datasets["train"]), args.fraction, seed)
-    train = SeededAugment(Transformed(datasets["train"], TrainTransform(args.crop_size, args.base_size,
-                                                                        args.scale_range), indices), seed)
+    crops = TrainTransform(args.crop_size, args.base_size, args.scale_range, args.max_size)
+    train = SeededAugment(Transformed(datasets["train"], crops, indices), seed)
     batch = args.batch_size // world
     loader = torch.utils.data.DataLoader(train, batch_size=batch, num_workers=args.workers, drop_last=True,
                                          sampler=IterationSampler(len(indices), args.iters, batch, seed),
@@ -399,34 +438,39 @@ def finetune(args, seed, datasets, pretrained, device, log):
     selected_iter = best["iter"] if args.select == "best" else args.iters
     scores = evaluate(model, datasets["test"], *geometry, device, args.workers, ctx, desc=f"test (seed {seed})")
     path = os.path.join(args.output_dir, f"seed{seed}.pt")
+    regions = region_scores(scores["cm"], DATASETS[args.dataset].get("regions"))
     if utils.is_main():
         print(f"[seed {seed}] test, {args.select} checkpoint (iteration {selected_iter}):", flush=True)
-        print(score_table(scores, datasets["train"].classes), flush=True)
+        print(score_table(scores, datasets["train"].classes, regions), flush=True)
         utils.save_checkpoint(path, {"model": {k: v.contiguous() for k, v in model.state_dict().items()},
                                "args": vars(args), "seed": seed, "iter": selected_iter, "select": args.select,
                                "test_miou": as_percent(scores["miou"])})
     return {"seed": seed, "miou": as_percent(scores["miou"]), "pixel_acc": as_percent(scores["pixel_acc"]),
-            "iou_per_class": dict(zip(datasets["train"].classes, as_percent(scores["iou"]))),
+            "iou_per_class": dict(zip(datasets["train"].classes, as_percent(scores["iou"]))), "regions": regions,
             "val_miou": as_percent(best["miou"] if args.select == "best" else last_val), "iter": selected_iter,
             "train_images": len(indices), "checkpoint": path, "transfer": notes}
 
 
 def summarize(records, classes):
-    """Per-seed records -> mean and std (population, ddof=0) of test mIoU over seeds, and the per-class mean."""
+    """Per-seed records -> mean and std (population, ddof=0) of test mIoU over seeds, the per-class mean, and the
+    regions' (REFUGE's optic disc and cup) IoU and Dice means and stds."""
+    mean_std = lambda values: {"mean": round(float(np.mean(values)), 4), "std": round(float(np.std(values)), 4)}
     mious = np.array([r["miou"] for r in records], dtype=np.float64)
     per_class = {}
     for name in classes:
         values = [r["iou_per_class"][name] for r in records if r["iou_per_class"][name] is not None]
         per_class[name] = round(float(np.mean(values)), 4) if values else None
+    regions = {name: {k: mean_std([r["regions"][name][k] for r in records]) for k in ("iou", "dice")}
+               for name in (records[0]["regions"] or {})}
     return {"miou_mean": round(float(mious.mean()), 4), "miou_std": round(float(mious.std()), 4),
-            "iou_per_class_mean": per_class}
+            "iou_per_class_mean": per_class, **({"regions": regions} if regions else {})}
 
 
 # ---------------------------------------------------------------- main
 
-def prepare(args):
-    """Everything that can fail on bad input, before training: the pre-trained weights, the --arch they imply,
-    every dataset split and every mask that will be read. Returns (pretrained or None, datasets)."""
+def pretrained_for(args):
+    """The --pretrained weights merged (or None), checked against --arch and --transfer; sets --arch to the
+    encoder's when it is not given (else resnet50)."""
     pretrained = read_pretrained(args.pretrained, args.branch, args.allow_finetuned) if args.pretrained else None
     if pretrained:
         if args.arch and pretrained["arch"] and args.arch != pretrained["arch"]:
@@ -435,6 +479,13 @@ def prepare(args):
             raise ValueError(f"--transfer encoder+decoder: {' '.join(args.pretrained)} has no decoder weights; "
                              "use --transfer encoder")
     args.arch = args.arch or (pretrained or {}).get("arch") or "resnet50"
+    return pretrained
+
+
+def prepare(args):
+    """Everything that can fail on bad input, before training: the pre-trained weights, the --arch they imply,
+    every dataset split and every mask that will be read. Returns (pretrained or None, datasets)."""
+    pretrained = pretrained_for(args)
 
     lengths = (args.synthetic_train, args.synthetic_val, args.synthetic_test)
     splits = ["train", "test"] + ["val"] * bool(args.eval_every)
@@ -452,12 +503,15 @@ def prepare(args):
     if args.select == "best" and args.dataset in TEST_IS_VAL and utils.is_main():
         print(f"note: {args.dataset} has no labelled test split, so test = val and --select best picks the "
               "checkpoint on the images it is scored on", flush=True)
-    evaluation = EvalTransform(args.base_size)
+    evaluation = EvalTransform(args.base_size, args.max_size)
     return pretrained, {"train": data["train"], "test": Transformed(data["test"], evaluation),
                         "val": Transformed(data["val"], evaluation) if "val" in data else None}
 
 
-def main(args):
+def start(args, prepare):
+    """The beginning of a fine-tuning run (finetune_seg.py, finetune_det.py): processes, every input checked by
+    `prepare` (one line on a problem), the output folder, the pre-trained files' notes, the log.
+    Returns (device, pretrained, datasets, command line, log)."""
     device = utils.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.batch_size % utils.world_size():
         utils.fail(f"--batch-size {args.batch_size} is not divisible by the {utils.world_size()} processes")
@@ -466,32 +520,33 @@ def main(args):
     except ValueError as e:  # data.DataError included
         raise SystemExit(f"error: {e}") from None
     os.makedirs(args.output_dir, exist_ok=True)
-    command = shlex.join(["python"] + sys.argv) if utils.world_size() == 1 else \
-        shlex.join(["torchrun", f"--nproc_per_node={utils.world_size()}"] + sys.argv)
     if utils.is_main():
         for note in (pretrained or {}).get("notes", []):
             print(note, flush=True)
-    # a rerun starts over, as results.json and seedN.pt do: its log does not continue the previous run's
-    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "w") if utils.is_main() else None
+    log = utils.JsonLines(os.path.join(args.output_dir, "log.jsonl"))
+    return device, pretrained, datasets, utils.command_line(), log
 
-    def log(record):
-        if log_file:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+
+def main(args):
+    device, pretrained, datasets, command, log = start(args, prepare)
 
     records = [finetune(args, seed, datasets, pretrained, device, log) for seed in args.seeds]
     classes = datasets["train"].classes
     results = {"command": command, **summarize(records, classes), "units": "percent",
                "dataset": args.dataset, "split": "test", "decoder": args.decoder, "arch": args.arch,
                "pretrained": args.pretrained, "transfer": args.transfer, "fraction": args.fraction,
-               "select": args.select, "seeds": records, "classes": list(classes), "args": vars(args)}
+               "select": args.select, "seeds": records, "classes": list(classes),
+               "warnings": list(datasets["train"].warnings), "args": vars(args)}
     if utils.is_main():
-        log_file.close()
+        log.close()
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         per_seed = ", ".join(f"{r['miou']:.2f}" for r in records)
+        regions = "".join(f"; {name} IoU {v['iou']['mean']:.2f}, Dice {v['dice']['mean']:.2f}"
+                          for name, v in results.get("regions", {}).items())
+        warnings = "".join(f" (warning: {w})" for w in datasets["train"].warnings)  # repeated where it is read last
         print(f"test mIoU over seeds {args.seeds}: {results['miou_mean']:.2f} +- {results['miou_std']:.2f} "
-              f"({per_seed}); wrote {os.path.join(args.output_dir, 'results.json')}", flush=True)
+              f"({per_seed}){regions}; wrote {os.path.join(args.output_dir, 'results.json')}{warnings}", flush=True)
     utils.shutdown()
     return results
 

@@ -32,18 +32,19 @@ ARCH_CHANNELS = {  # output channels of c2..c5
 class Backbone(nn.Module):
     """torchvision ResNet (weights=None, never downloaded) whose forward returns (c2, c3, c4, c5).
 
-    Strides 4, 8, 16, 32 (c5 at stride 16 with `dilate_c5`, the output-stride-16 backbone of mmseg's FCN).
-    Zero-gamma on the last BN of each residual block, as SlotCon's ResNet does. No `fc`, no pooling.
+    Strides 4, 8, 16, 32. With `dilate_c5`, c5 stays at stride 16 (the output-stride-16 backbone of the FCN configs
+    the paper fine-tunes with): torchvision's replace_stride_with_dilation gives layer4's first block dilation 1
+    and the others dilation 2, exactly mmseg's ResNet with dilations (1, 1, 1, 2) and contract_dilation=True.
+    `zero_init_residual`: zero-gamma on the last BN of each residual block, as SlotCon's ResNet (DenseCL's has
+    none). No `fc`, no pooling.
     """
 
-    def __init__(self, arch="resnet50", dilate_c5=False):
+    def __init__(self, arch="resnet50", dilate_c5=False, zero_init_residual=True):
         super().__init__()
         if arch not in ARCH_CHANNELS:
             raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCH_CHANNELS)}")
-        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True,
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual,
                                                 replace_stride_with_dilation=[False, False, dilate_c5])
-        if dilate_c5:  # mmseg's ResNet (dilations 1,1,1,2) dilates every block of the stage; torchvision not the 1st
-            net.layer4[0].conv2.dilation, net.layer4[0].conv2.padding = (2, 2), (2, 2)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.channels = ARCH_CHANNELS[arch]
@@ -307,7 +308,7 @@ class DeCon(nn.Module):
         self.framework, self.alpha = framework, alpha
         self.dec_levels = decoder_levels(decoder, deep_supervision)
         self.levels = (["c5"] if alpha > 0 else []) + self.dec_levels
-        encoder = Backbone(arch)
+        encoder = Backbone(arch, zero_init_residual=framework == "slotcon")  # each framework's own ResNet init
         c = encoder.channels
         dec = {"none": lambda: None, "fcn": lambda: FCNDecoder(c[3]),
                "fpn": lambda: FPNDecoder(c, 256, deep_supervision, dropout)}[decoder]()
@@ -413,19 +414,20 @@ class FPNHead(FPNDecoder):
 class Segmenter(nn.Module):
     """ResNet encoder + FCN or FPN head: (B, 3, H, W) -> logits (B, K, H, W), upsampled bilinearly.
 
-    FCN on ResNet-50 runs on a dilated c5 (output stride 16), as mmseg's fcn_d6_r50-d16 configs of MoCo and SlotCon;
+    FCN on ResNet-50 runs on a dilated c5 (output stride 16), as the fcn_d6_r50-d16 configs of MoCo and SlotCon;
     torchvision's BasicBlock cannot dilate, so ResNet-18/34 keep stride 32. Dilation changes no parameter shape,
-    so the pre-trained (stride-32) weights load unchanged.
+    so the pre-trained (stride-32) weights load unchanged. `align_corners` is that of the final upsampling (the
+    VOC and Cityscapes configs use True).
     """
 
-    def __init__(self, arch="resnet50", decoder="fcn", num_classes=21):
+    def __init__(self, arch="resnet50", decoder="fcn", num_classes=21, align_corners=False):
         super().__init__()
         if arch not in ARCH_CHANNELS:
             raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCH_CHANNELS)}")
         if decoder not in ("fcn", "fpn"):
             raise ValueError(f"unknown decoder {decoder!r}; choose fcn or fpn")
         dilate = decoder == "fcn" and arch == "resnet50"
-        self.arch, self.decoder, self.num_classes = arch, decoder, num_classes
+        self.arch, self.decoder, self.num_classes, self.align_corners = arch, decoder, num_classes, align_corners
         self.output_stride = 16 if dilate else 32
         self.backbone = Backbone(arch, dilate_c5=dilate)
         c = self.backbone.channels
@@ -437,7 +439,8 @@ class Segmenter(nn.Module):
         if pad_h or pad_w:  # the FPN's x2 top-down upsampling needs sides that are multiples of 32
             x = F.pad(x, (0, pad_w, 0, pad_h))
         logits = self.decode_head(self.backbone(x))
-        logits = F.interpolate(logits.float(), size=(h + pad_h, w + pad_w), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits.float(), size=(h + pad_h, w + pad_w), mode="bilinear",
+                               align_corners=self.align_corners)
         return logits[..., :h, :w]
 
 
@@ -480,3 +483,62 @@ def load_pretrained(path, branch=None):
     info = {k: args.get(k) for k in ("framework", "arch", "decoder", "deep_supervision", "alpha", "dropout")}
     info.update(branch=branch, step=ckpt.get("step"))
     return encoder, (decoder or None), info
+
+
+# ---------------------------------------------------------------- downstream detection network
+# (finetune_det.py, eval.py, convert.py)
+
+def torchvision_fpn_key(name):
+    """Our FPN key (Detectron2's) -> the key of torchvision's FeaturePyramidNetwork built with norm_layer, levels
+    numbered from c2: fpn_lateral{s}.weight -> inner_blocks.{s-2}.0.weight, fpn_lateral{s}.norm.X ->
+    inner_blocks.{s-2}.1.X, and fpn_output{s} -> layer_blocks.{s-2}.{0,1} alike. The two networks compute the same
+    p2..p5 (1x1 lateral conv + BN, nearest top-down upsampling and sum, 3x3 output conv + BN) on inputs whose sides
+    are multiples of 32, which the detector pads its images to; torchvision adds the parameter-free p6 (max-pool)."""
+    m = re.fullmatch(r"fpn_(lateral|output)([2-5])\.(weight|norm\.\w+)", name)
+    if m is None:
+        raise ValueError(f"unexpected FPN decoder key {name!r}")
+    kind, level, rest = m.groups()
+    block = "inner_blocks" if kind == "lateral" else "layer_blocks"
+    return f"{block}.{int(level) - 2}." + ("0.weight" if rest == "weight" else "1." + rest[len("norm."):])
+
+
+def build_detector(arch="resnet50", num_classes=81, kind="mask", test_size=800, max_size=1333, roi_batch_size=512,
+                   test_proposals=1000):
+    """torchvision's Faster R-CNN (kind 'faster') or Mask R-CNN ('mask') v2 around a ResNet-18/34/50: the body is a
+    torchvision ResNet with BatchNorm (all stages trained), the FPN takes that arch's c2..c5 widths with BatchNorm
+    (the layout of fasterrcnn_resnet50_fpn_v2 / maskrcnn_resnet50_fpn_v2, so `backbone.fpn` holds our FPNDecoder),
+    then the v2 heads: RPN with 2 convs, the 4conv1fc box head with BatchNorm, the 4-conv mask head with BatchNorm.
+    The v2 builders give the same keys and shapes for ResNet-50. num_classes counts the background (label 0).
+    images: a list of (3, h, w) floats in [0, 1]; the detector normalizes them (ImageNet mean and std), pads them to
+    multiples of 32, and at test time resizes them to `test_size` (short side, long side at most `max_size`) and
+    maps its boxes and masks back. Training images come resized by the data pipeline (DetectionTrainTransform,
+    seeded per sample): `_skip_resize` is torchvision's own switch for that, used by its detection references.
+    roi_batch_size: RoIs sampled per image for the box head in training (Detectron2 and torchvision: 512);
+    test_proposals: RPN proposals per image at test time (1000)."""
+    if arch not in ARCH_CHANNELS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCH_CHANNELS)}")
+    if kind not in ("faster", "mask"):
+        raise ValueError(f"unknown detector {kind!r}; choose faster or mask")
+    tvd = torchvision.models.detection
+    body = getattr(torchvision.models, arch)(weights=None)
+    backbone = tvd.backbone_utils.BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
+                                                  list(ARCH_CHANNELS[arch]), 256, norm_layer=nn.BatchNorm2d)
+    anchors = tvd.anchor_utils.AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    heads = dict(rpn_anchor_generator=anchors, rpn_head=tvd.rpn.RPNHead(256, 3, conv_depth=2),
+                 box_head=tvd.faster_rcnn.FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d))
+    if kind == "mask":
+        heads["mask_head"] = tvd.mask_rcnn.MaskRCNNHeads(256, [256] * 4, 1, norm_layer=nn.BatchNorm2d)
+    detector = (tvd.MaskRCNN if kind == "mask" else tvd.FasterRCNN)(
+        backbone, num_classes, min_size=test_size, max_size=max_size, box_batch_size_per_image=roi_batch_size,
+        rpn_post_nms_top_n_test=test_proposals, _skip_resize=True, **heads)
+    # torchvision decodes boxes in the dtype of the predicted offsets: under bf16 autocast, coordinates near 800 px
+    # would be 4 px apart. The two box predictors hand on fp32 (the convs before them still run in bf16).
+    for predictor in (detector.rpn.head, detector.roi_heads.box_predictor):
+        predictor.register_forward_hook(float_outputs)
+    detector.arch, detector.kind, detector.num_classes = arch, kind, num_classes
+    return detector
+
+
+def float_outputs(module, inputs, outputs):
+    """Forward hook: a predictor's outputs (tensors, or lists of tensors per FPN level) as fp32."""
+    return [[t.float() for t in o] if isinstance(o, list) else o.float() for o in outputs]

@@ -22,7 +22,7 @@ from tqdm import tqdm
 import speed
 import utils
 from data import DataError, EpochSampler, data_fingerprint, pretraining_dataset, seed_worker
-from models import DeCon
+from models import DeCon, decoder_levels
 
 # The two frameworks' own recipes (paper Sec. 3.3; SlotCon's COCO script; DenseCL's COCO config). A flag left
 # unset takes its framework's value.
@@ -148,10 +148,30 @@ def finalize_args(args, parser):
         parser.error(f"--resume {args.resume}: no such file")
     if problem := utils.unwritable(args.output_dir):  # now, not at the first checkpoint hours later
         parser.error(f"--output-dir {problem}")
+    args.variant, args.variant_warning = variant_name(args)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     args.workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
     return args
+
+
+def variant_name(args):
+    """The variant as the paper names it, its levels and weights, e.g. "DeCon-ML-SlotCon-FPN: levels p2..p5, alpha 0,
+    skip dropout 0.5"; and a warning (or None) when the paper ran no such combination."""
+    framework = {"slotcon": "SlotCon", "densecl": "DenseCL"}[args.framework]
+    levels = (["c5"] if args.alpha > 0 else []) + decoder_levels(args.decoder, args.deep_supervision)
+    levels = ", ".join(levels).replace("p2, p3, p4, p5", "p2..p5")
+    if args.decoder == "none":
+        return f"{framework}: level {levels}", None
+    kind = "ML" if args.deep_supervision else "SL"
+    name = f"DeCon-{kind}-{framework}-{args.decoder.upper()}: levels {levels}, alpha {args.alpha:g}"
+    name += f", skip dropout {args.dropout:g}" if args.decoder == "fpn" else ""
+    if args.framework == "densecl" and (args.deep_supervision or args.dropout > 0):
+        return name, "the paper ran DenseCL with DeCon-SL only: no deep supervision, no skip dropout"
+    if kind == "ML" and args.dropout == 0:
+        return name, ("not the paper's DeCon-ML, which adds --dropout 0.5 (best with --alpha 0); without dropout it "
+                      "is an ablation of its Table 3")
+    return name, None
 
 
 def run_folder_conflict(args):
@@ -400,7 +420,8 @@ class MetricsLog:
         images_per_s = (progress.step - self.step) * self.args.batch_size / (now - self.t)
         self.t, self.step = now, progress.step
         logs = {k: v.item() for k, v in logs.items()}
-        rec = {"step": progress.step, "epoch": (progress.step - 1) // self.args.iters, "loss_enc": None,
+        rec = {"step": progress.step, "epoch": (progress.step - 1) // self.args.iters, "variant": self.args.variant,
+               "loss_enc": None,
                "loss_dec": None, **logs, "lr": float(lr), "momentum": float(momentum), "img_per_s": images_per_s,
                "skipped_steps": progress.skipped}
         if self.file:
@@ -468,6 +489,10 @@ def main(args):
     torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest convolution kernels
     if args.batch_size % utils.world_size():
         utils.fail(f"--batch-size {args.batch_size} is not divisible by the {utils.world_size()} processes")
+    if utils.is_main():
+        print(f"pre-training {args.variant}", flush=True)
+        if args.variant_warning:
+            print(f"warning: {args.variant_warning}", file=sys.stderr, flush=True)
     ckpt = load_resume(args) if args.resume else None
     dataset, fingerprint = load_dataset(args, ckpt)
     loader, sampler = make_loader(args, dataset, device)

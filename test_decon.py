@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -34,11 +35,14 @@ from PIL import Image
 import bench
 import convert
 import data
+import eval as eval_module
+import finetune_det as fdet
 import finetune_seg as ft
 import losses
 import models
 import pretrain
 import utils
+import visualize
 from data import IGNORE_INDEX, DataError, EvalTransform, Transformed, build_dataset, check_dataset
 from eval import confusion_matrix, evaluate, predict, segmentation_scores, window_starts
 from eval import get_args_parser as eval_parser, main as eval_main
@@ -458,6 +462,27 @@ def test_a_state_dict_with_the_per_level_state_on_decon_loads(name):
     assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
 
 
+def test_fcn_backbone_dilates_layer4_as_mmseg_contract_dilation():
+    """mmseg's ResNet with dilations (1, 1, 1, 2), strides (1, 2, 2, 1) and contract_dilation=True (SlotCon's FCN
+    configs): layer4's first block keeps dilation 1 (stride 1), the others dilation 2; c5 at stride 16."""
+    net = models.Backbone("resnet50", dilate_c5=True)
+    convs = [(b.conv2.stride, b.conv2.dilation, b.conv2.padding) for b in net.layer4]
+    assert convs == [((1, 1), (1, 1), (1, 1)), ((1, 1), (2, 2), (2, 2)), ((1, 1), (2, 2), (2, 2))]
+    assert net.layer4[0].downsample[0].stride == (1, 1)
+    assert all(b.conv2.dilation == (1, 1) for layer in (net.layer1, net.layer2, net.layer3) for b in layer)
+    with torch.no_grad():
+        assert net.eval()(torch.zeros(1, 3, 64, 64))[3].shape == (1, 2048, 4, 4)
+    assert Segmenter("resnet50", "fcn", 3).backbone.layer4[0].conv2.dilation == (1, 1)
+
+
+def test_each_framework_initializes_its_resnet_as_its_own_code():
+    """SlotCon's ResNet zeroes the last BatchNorm of every residual block; DenseCL's (WXinlong/DenseCL, mmselfsup)
+    does not."""
+    last_bn = lambda m: [b.bn2.weight for layer in (m.layer1, m.layer4) for b in layer]  # ResNet-18: bn2 is last
+    assert all((w == 0).all() for w in last_bn(tiny_model("slotcon").student.encoder))
+    assert all((w == 1).all() for w in last_bn(tiny_model("densecl").student.encoder))
+
+
 # ---------------------------------------------------------------- memory and speed options (speed.py)
 
 def step_and_grads(model, size=32):
@@ -751,14 +776,17 @@ def test_pretrain_script_end_to_end_and_resume(tmp_path):
     out = tmp_path / "run"
     r = run_pretrain(epochs=3, max_steps=3, output_dir=out)
     assert r.returncode == 0, r.stderr
+    assert "pre-training DeCon-ML-SlotCon-FPN: levels p2..p5, alpha 0, skip dropout 0.5\n" in r.stdout
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in recs] == [1, 2, 3]
+    assert {rec["variant"] for rec in recs} == {"DeCon-ML-SlotCon-FPN: levels p2..p5, alpha 0, skip dropout 0.5"}
     for rec in recs:
         assert {"step", "epoch", "loss", "loss_enc", "loss_dec", "lr", "momentum", "img_per_s"} <= set(rec)
         assert math.isfinite(rec["loss"]) and rec["loss_enc"] is None and rec["loss"] == rec["loss_dec"]
     assert recs[0]["momentum"] == pytest.approx(0.99) and recs[1]["momentum"] > 0.99
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["epoch"] == 1 and ckpt["args"]["alpha"] == 0.0
+    assert ckpt["args"]["variant"] == recs[0]["variant"]
     assert set(ckpt) >= {"model", "optimizer", "epoch", "step", "args"}
     r = run_pretrain(epochs=3, max_steps=4, output_dir=out, resume=out / "last.pt")
     assert r.returncode == 0, r.stderr
@@ -766,6 +794,23 @@ def test_pretrain_script_end_to_end_and_resume(tmp_path):
     r = run_pretrain("decon-sl-slotcon-fcn", epochs=3, max_steps=5, output_dir=out, resume=out / "last.pt")
     assert r.returncode == 2 and "another variant" in r.stderr and "--decoder fpn (checkpoint) vs fcn" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name,extra,variant,warning", [
+    ("decon-ml-slotcon-fpn", {}, "DeCon-ML-SlotCon-FPN: levels p2..p5, alpha 0, skip dropout 0.5", None),
+    ("decon-sl-slotcon-fcn", dict(alpha=0.25), "DeCon-SL-SlotCon-FCN: levels c5, fcn, alpha 0.25", None),
+    ("decon-sl-slotcon-fpn", {}, "DeCon-SL-SlotCon-FPN: levels c5, p2, alpha 0.5, skip dropout 0", None),
+    ("densecl", {}, "DenseCL: level c5", None),
+    ("slotcon", dict(decoder="fpn"), "DeCon-ML-SlotCon-FPN: levels c5, p2..p5, alpha 0.5, skip dropout 0",
+     "not the paper's DeCon-ML"),
+    ("densecl", dict(decoder="fpn"), "DeCon-ML-DenseCL-FPN: levels c5, p2..p5, alpha 0.5, skip dropout 0",
+     "the paper ran DenseCL with DeCon-SL only"),
+])
+def test_the_variant_is_named_as_the_paper_names_it(name, extra, variant, warning):
+    args = tiny_args(name, **extra)
+    assert args.variant == variant
+    assert (args.variant_warning or "").startswith(warning or "")
+    assert (args.variant_warning is None) == (warning is None)
 
 
 # ---------------------------------------------------------------- pretrain.py: long runs
@@ -799,6 +844,25 @@ def popen_pretrain(out, *launcher, **extra):
                             text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def kill_tree(pid):
+    """SIGKILL `pid` and every process below it, children first found from /proc (as a node's crash would)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+        except (ValueError, OSError):
+            pass
+    todo, tree = [pid], []
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 def test_sigkill_then_resume_continues_the_same_trajectory(tmp_path):
     """Dropout, two views, a data worker, mid-epoch kill: from the checkpoint on, per-step losses equal an
     uninterrupted run's (CPU, fp32)."""
@@ -830,7 +894,7 @@ def test_two_process_run_killed_and_resumed_on_two_processes_continues_the_same_
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     proc = popen_pretrain(cut, *torchrun(29532), device="cpu", save_every=2)
     _wait_for_lines(cut / "metrics.jsonl", 5, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)  # torchrun starts each rank in a process group of its own
     proc.wait()
     saved = torch.load(cut / "last.pt", weights_only=True)["step"]
     assert 4 <= saved < 8
@@ -1116,6 +1180,22 @@ def test_segmenter_output_size_and_stride():
             assert model(x).shape == (1, 5, 50, 70)
 
 
+def test_refuge_reports_the_optic_disc_as_rim_plus_cup():
+    """Classes 0 background, 1 rim, 2 cup. The disc is rim + cup: TP = both in {1, 2}; the cup is class 2."""
+    cm = np.array([[50, 3, 1],    # ground truth background: 3 predicted rim, 1 cup
+                   [4, 20, 6],    # rim: 4 missed, 6 taken for cup (still disc)
+                   [0, 2, 10]])   # cup: 2 taken for rim (still disc)
+    regions = eval_module.region_scores(torch.tensor(cm), data.DATASETS["refuge"]["regions"])
+    disc_tp, disc_fp, disc_fn = 20 + 6 + 2 + 10, 3 + 1, 4
+    cup_tp, cup_fp, cup_fn = 10, 1 + 6, 2
+    assert regions["optic disc"]["iou"] == pytest.approx(100 * disc_tp / (disc_tp + disc_fp + disc_fn), abs=1e-4)
+    assert regions["optic disc"]["dice"] == pytest.approx(100 * 2 * disc_tp / (2 * disc_tp + disc_fp + disc_fn),
+                                                          abs=1e-4)
+    assert regions["optic cup"]["iou"] == pytest.approx(100 * cup_tp / (cup_tp + cup_fp + cup_fn), abs=1e-4)
+    assert regions["optic cup"]["dice"] == pytest.approx(100 * 2 * cup_tp / (2 * cup_tp + cup_fp + cup_fn), abs=1e-4)
+    assert data.DATASETS["refuge"]["classes"] == ("background", "optic disc rim", "optic cup")
+
+
 # ---------------------------------------------------------------- segmentation datasets, in each dataset's layout
 
 def write_image(path, w=40, h=32, fmt=None):
@@ -1246,6 +1326,91 @@ def test_mask_value_beyond_the_classes_is_named(tmp_path):
         check_dataset(build_dataset("voc", "val", voc))
 
 
+def test_eval_reports_refuge_disc_and_cup(tmp_path, capsys):
+    make_refuge(str(tmp_path / "refuge"))
+    path = fake_finetuned(str(tmp_path / "seed0.pt"), num_classes=3)
+    out = tmp_path / "report.json"
+    eval_main(eval_parser().parse_args(["--checkpoint", path, "--dataset", "refuge", "--data-root",
+                                        str(tmp_path / "refuge"), "--workers", "0", "--output", str(out)]))
+    report = json.loads(out.read_text())
+    model, _ = eval_module.load_checkpoint(path)  # the same split scored again, outside eval.main
+    test = Transformed(build_dataset("refuge", "test", str(tmp_path / "refuge")), EvalTransform(512))
+    cm = evaluate(model, test)["cm"]
+    assert set(report["regions"]) == {"optic disc", "optic cup"}
+    assert report["regions"] == eval_module.region_scores(cm, data.DATASETS["refuge"]["regions"])
+    assert "optic disc" in capsys.readouterr().out
+
+
+def test_macos_archive_leftovers_are_skipped_everywhere(tmp_path):
+    root = str(tmp_path)
+    make_refuge(root)
+    for leftover in ("__MACOSX/REFUGE-Training400/Training400/Glaucoma/g0001.jpg",
+                     "REFUGE-Training400/Training400/Glaucoma/._g0001.jpg",
+                     "Annotation-Training400/Disc_Cup_Masks/Glaucoma/._g0001.bmp"):
+        os.makedirs(os.path.dirname(os.path.join(root, leftover)), exist_ok=True)
+        open(os.path.join(root, leftover), "wb").write(b"\x00\x05\x16\x07 AppleDouble")
+    train = build_dataset("refuge", "train", root)
+    assert len(train) == 2 and not any("MACOSX" in a or "/._" in a for pair in train.pairs for a in pair)
+    check_dataset(train)
+    folder = make_folder(str(tmp_path / "f"))
+    open(os.path.join(folder, "images", "train", "._a.jpg"), "wb").write(b"AppleDouble")
+    assert len(build_dataset("folder", "train", folder, num_classes=3)) == 2
+
+
+def test_layouts_users_already_have(tmp_path):
+    """mmseg's converted REFUGE (labels 0 background, 1 cup, 2 rim -> ours), VOC with mmseg's trainaug.txt or
+    DeepLab's train_aug.txt, and training / validation folders for --dataset folder."""
+    root = str(tmp_path / "refuge")
+    for split in ("training", "validation", "test"):
+        write_image(os.path.join(root, "images", split, "g0001.png"))
+        write_mask(os.path.join(root, "annotations", split, "g0001.png"), [0, 1, 2])
+    refuge = build_dataset("refuge", "train", root)
+    assert len(refuge) == 1 and len(build_dataset("refuge", "val", root)) == 1
+    mask = refuge[0][1]
+    assert (mask[0, 0], mask[1, 0], mask[2, 0]) == (0, 2, 1)
+    for list_name in ("trainaug.txt", "train_aug.txt"):
+        voc = make_voc(str(tmp_path / list_name))
+        lists = os.path.join(voc, "ImageSets", "Segmentation")
+        os.rename(os.path.join(lists, "aug.txt"), os.path.join(lists, list_name))
+        with open(os.path.join(lists, list_name), "a") as f:
+            f.write("2007_000032\n")  # train+aug lists hold the VOC train ids too: masks in SegmentationClass
+        train = build_dataset("voc", "train", voc)
+        assert len(train) == 3 and train.warnings == []
+        assert [os.path.basename(os.path.dirname(m)) for _, m in train.pairs] == \
+            ["SegmentationClass", "SegmentationClassAug", "SegmentationClassAug"]
+    folder = make_folder(str(tmp_path / "f"))
+    for split, alias in (("train", "training"), ("val", "validation")):
+        for part in ("images", "masks"):
+            os.rename(os.path.join(folder, part, split), os.path.join(folder, part, alias))
+    assert len(build_dataset("folder", "train", folder, num_classes=3)) == 2
+    assert len(build_dataset("folder", "val", folder, num_classes=3)) == 2
+
+
+def test_voc_without_an_aug_list_warns_at_start_and_at_the_end(tmp_path, capsys):
+    voc = make_voc(str(tmp_path))
+    os.remove(os.path.join(voc, "ImageSets", "Segmentation", "aug.txt"))
+    args = finetune_args("--dataset", "voc", "--data-root", voc, "--arch", "resnet18", "--decoder", "fpn",
+                         "--iters", "2", "--batch-size", "2", "--crop-size", "64", "--workers", "0",
+                         "--output-dir", str(tmp_path / "out"))
+    results = ft.main(args)
+    lines = capsys.readouterr()
+    assert "warning: no aug.txt, trainaug.txt or train_aug.txt" in lines.err
+    assert lines.out.strip().splitlines()[-1].endswith("(1464 images, not the paper's 10582; see docs/DATASETS.md, "
+                                                       "'Dataset layouts'))")
+    assert results["warnings"] and "training on VOC train.txt only" in results["warnings"][0]
+
+
+def test_folder_class_names_from_classes_txt(tmp_path, capsys):
+    root = make_folder(str(tmp_path))
+    with open(os.path.join(root, "classes.txt"), "w") as f:
+        f.write("background\nanimals\nplants\n")
+    assert build_dataset("folder", "val", root).classes == ("background", "animals", "plants")
+    assert finetune_args("--dataset", "folder", "--data-root", root).num_classes == 3
+    with pytest.raises(SystemExit):
+        finetune_args("--dataset", "folder", "--data-root", root, "--num-classes", "4")
+    assert "classes.txt: 3 class names, but --num-classes 4" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- finetune_seg.py: flags, fractions, crops
 
 def finetune_args(*argv):
@@ -1288,6 +1453,37 @@ def test_finetune_output_folder_rules(tmp_path, capsys):
         capsys.readouterr().err
     assert not (tmp_path / "new").exists() and finetune_args("--output-dir", str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()  # checked without creating anything
+
+@pytest.mark.parametrize("dataset,expected", [
+    ("voc", dict(iters=30000, lr=0.003, schedule="step", lr_steps=[21000, 27000], weight_decay=1e-4, crop_size=513,
+                 base_size=513, max_size=2049, align_corners=True, mode="whole", select="last")),
+    ("cityscapes", dict(iters=90000, lr=0.01, schedule="step", lr_steps=[63000, 81000], weight_decay=1e-4,
+                        crop_size=769, base_size=1025, max_size=2049, align_corners=True, mode="slide", stride=513)),
+    ("isic2017", dict(iters=24000, lr=0.01, schedule="poly", weight_decay=5e-4, crop_size=512, base_size=512,
+                      max_size=None, align_corners=False, mode="whole", select="best", eval_every=500)),
+    ("refuge", dict(iters=80000, lr=0.01, schedule="poly", weight_decay=5e-4, crop_size=512, align_corners=False,
+                    select="last")),
+])
+def test_each_dataset_defaults_to_its_paper_recipe(dataset, expected, tmp_path):
+    """VOC and Cityscapes: SlotCon's fcn_d6_r50-d16 mmseg configs; ISIC and REFUGE: the paper's Sec. 3.4."""
+    args = finetune_args("--dataset", dataset, "--data-root", str(tmp_path))
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert args.batch_size == 16 and args.momentum == 0.9 and tuple(args.scale_range) == (0.5, 2.0)
+
+
+def test_step_schedule_and_the_mmcv_rescale_rule(tmp_path):
+    lrs = ft.step_schedule(0.003, 30000, [21000, 27000])
+    assert (lrs[0], lrs[20999], lrs[21000], lrs[26999], lrs[27000], lrs[-1]) == pytest.approx(
+        (0.003, 0.003, 3e-4, 3e-4, 3e-5, 3e-5))
+    short = finetune_args("--dataset", "voc", "--data-root", str(tmp_path), "--iters", "1000")
+    assert short.lr_steps == [700, 900]  # 70 % and 90 % of the iterations
+    assert data.rescaled_size(500, 375, 513, 2049) == (684, 513)      # a VOC image: the short side binds
+    assert data.rescaled_size(2048, 1024, 1025, 2049) == (2049, 1025)  # Cityscapes: both bind, barely
+    assert data.rescaled_size(500, 375, 513, 2049, ratio=0.5) == (342, 257)
+    assert data.rescaled_size(4000, 1000, 513, 2049) == (2049, 512)     # a panorama: the long side binds
+    assert data.rescaled_size(40, 32) == (40, 32)
+    assert Segmenter("resnet18", "fcn", 3, align_corners=True).align_corners
+
 
 def test_fraction_subsets_are_deterministic_per_seed_and_nested():
     a = data.fraction_indices(400, 0.05, seed=0)
@@ -1420,6 +1616,13 @@ def test_converted_files_load_by_their_keys(tmp_path):
         neck[f"neck.{module}.{int(name[-1]) - 2}.{layer}"] = v
     _, _, got, _ = ft.split_state_dict(neck)
     assert got.keys() == fpn.keys() and all(torch.equal(got[k], fpn[k]) for k in fpn)
+    # so do the torchvision detection-backbone names of convert.py --to torchvision (body.*, fpn.*)
+    decon_fpn_enc = fake_checkpoint(path, "decon-ml-slotcon-fpn").teacher.encoder.state_dict()
+    tv = {**{f"body.{k}": v for k, v in decon_fpn_enc.items()}, **{f"fpn.{models.torchvision_fpn_key(k)}": v
+                                                         for k, v in fpn.items()}}
+    got_enc, _, got, ignored = ft.split_state_dict(tv)
+    assert ignored == [] and got.keys() == fpn.keys() and all(torch.equal(got[k], fpn[k]) for k in fpn)
+    assert got_enc.keys() == decon_fpn_enc.keys()
 
 def test_transfer_errors_are_one_line(tmp_path):
     path = str(tmp_path / "last.pt")
@@ -1665,7 +1868,8 @@ def check_mm(state_dict, expected):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpts")
-    specs = {"r50_fpn": ("decon-ml-slotcon-fpn", "resnet50"), "r18_fpn_sl": ("decon-sl-slotcon-fpn", "resnet18"),
+    specs = {"r50_fpn": ("decon-ml-slotcon-fpn", "resnet50"), "r50_fcn": ("decon-sl-slotcon-fcn", "resnet50"),
+             "r18_fpn_sl": ("decon-sl-slotcon-fpn", "resnet18"),
              "r18_fcn": ("decon-sl-slotcon-fcn", "resnet18"), "r18_none": ("slotcon", "resnet18"),
              "r18_densecl_fpn": ("decon-ml-densecl-fpn", "resnet18")}
     paths = {name: str(d / f"{name}.pt") for name in specs}
@@ -1808,7 +2012,8 @@ def test_mmseg_fcn_backbone_decode_head_full(ckpts, tmp_path):
     check_mm(full, {**prefixed("backbone.", mm_resnet(18)), **prefixed("decode_head.", expected_head)})
     dec = branch_tensors(ckpts["r18_fcn"], "teacher.decoder.")
     assert all(torch.equal(head[k], dec[k]) for k in dec)
-    assert "type='FCNHead', in_channels=512, channels=256, num_convs=2, concat_input=False, dilation=6" in text
+    assert "type='FCNHead', in_channels=512, in_index=3, channels=256, num_convs=2, concat_input=False, dilation=6" \
+        in text
 
 def test_mmseg_directory_output_and_decoder_only(ckpts, tmp_path):
     out = tmp_path / "export"
@@ -1829,7 +2034,7 @@ def test_mmseg_checker_catches_bad_keys(ckpts, tmp_path):
     with pytest.raises(AssertionError):
         check_mm(neck, expected)
 
-@pytest.mark.parametrize("name,arch", [("r50_fpn", "resnet50"), ("r18_none", "resnet18")])
+@pytest.mark.parametrize("name,arch", [("r50_fcn", "resnet50"), ("r18_none", "resnet18")])
 def test_torchvision_loads_with_only_fc_missing(ckpts, tmp_path, name, arch):
     out = tmp_path / "tv.pth"
     text = run("--checkpoint", ckpts[name], "--to", "torchvision", "--output", out)
@@ -1840,15 +2045,15 @@ def test_torchvision_loads_with_only_fc_missing(ckpts, tmp_path, name, arch):
     enc = branch_tensors(ckpts[name], "teacher.encoder.")
     assert sorted(sd) == sorted(enc)
     assert all(torch.equal(net.state_dict()[k], enc[k]) for k in enc)
-    if name == "r50_fpn":
-        assert "note: torchvision has no counterpart of the DeCon decoders; exported the encoder only" in text
+    if name == "r50_fcn":
+        assert "note: torchvision has no counterpart of the FCN decoder; exported the encoder only" in text
 
 @pytest.mark.parametrize("name,branch,expected", [("r18_none", None, "teacher"), ("r18_none", "student", "student"),
                                                   ("r18_densecl_fpn", None, "student"),
                                                   ("r18_densecl_fpn", "teacher", "teacher")])
 def test_branch_default_and_choice(ckpts, tmp_path, name, branch, expected):
     out = tmp_path / "b.pth"
-    text = run("--checkpoint", ckpts[name], "--to", "torchvision", "--output", out,
+    text = run("--checkpoint", ckpts[name], "--to", "torchvision", "--output", out, "--part", "encoder",
                *(["--branch", branch] if branch else []))
     sd = torch.load(out, weights_only=True)
     enc = branch_tensors(ckpts[name], f"{expected}.encoder.")
@@ -1872,8 +2077,10 @@ def foreign_files(d, ckpts):
     ("r18_fcn", ["--to", "detectron2", "--part", "decoder"], "x.pkl",
      "--part decoder --to detectron2: Detectron2 has no counterpart of the FCN decoder (--decoder fcn); "
      "use --to mmseg, or --part encoder"),
-    ("r18_fpn_sl", ["--to", "torchvision", "--part", "decoder"], "x.pth",
-     "--part decoder --to torchvision: torchvision has no counterpart of the DeCon decoders"),
+    ("r18_fcn", ["--to", "torchvision", "--part", "decoder"], "x.pth",
+     "--part decoder --to torchvision: torchvision has no counterpart of the FCN decoder (--decoder fcn)"),
+    ("r18_fpn_sl", ["--to", "mmseg", "--fold-bn"], "x", "--fold-bn is for --to torchvision"),
+    ("r18_none", ["--to", "torchvision", "--fold-bn"], "x.pth", "--fold-bn: the export holds no FPN to fold"),
     ("r18_none", ["--to", "torchvision", "--part", "decoder"], "x.pth", "was pre-trained without a decoder"),
     ("r18_fpn_sl", ["--to", "detectron2"], "x.pth", "Detectron2 needs a file name ending in .pkl"),
 ])
@@ -1920,6 +2127,846 @@ def test_real_pretrain_checkpoint_via_cli(tmp_path):
     check_mm(neck, mm_fpn_neck([64, 128, 256, 512]))
     student = branch_tensors(ckpt, "student.decoder.")
     assert torch.equal(neck["fpn_convs.1.conv.weight"], student["fpn_output3.weight"])
+
+
+def mmseg_printed_model(text):
+    """The printed `model = dict(...)` (and `load_from`) of convert.py --to mmseg, run as the config file it is."""
+    config = {}
+    exec(text[text.index("model = dict("):], {}, config)
+    return config["model"]
+
+
+@pytest.mark.parametrize("name,dataset", [("r50_fcn", "voc"), ("r50_fpn", "cityscapes"), ("r18_fcn", "voc")])
+def test_mmseg_config_builds_and_loads_every_exported_tensor(ckpts, tmp_path, name, dataset):
+    """The printed config is complete for mmseg 1.x (EncoderDecoder, a plain ResNet, norm_cfg everywhere,
+    data_preprocessor with a size, test_cfg, num_classes), and the names it builds are exactly the exported ones."""
+    prefix = tmp_path / name
+    text = run("--checkpoint", ckpts[name], "--to", "mmseg", "--output", prefix, "--dataset", dataset)
+    model = mmseg_printed_model(text)
+    assert model["type"] == "EncoderDecoder" and model["pretrained"] is None and model["auxiliary_head"] is None
+    pre = model["data_preprocessor"]
+    assert pre["type"] == "SegDataPreProcessor" and pre["bgr_to_rgb"] is True and pre["mean"] == convert.PIXEL_MEAN
+    assert pre["size"] == {"voc": (513, 513), "cityscapes": (769, 769)}[dataset]
+    assert model["test_cfg"] == {"voc": dict(mode="whole"), "cityscapes": dict(mode="slide", crop_size=(769, 769),
+                                                                                stride=(513, 513))}[dataset]
+    backbone, head = model["backbone"], model["decode_head"]
+    assert backbone["type"] == "ResNet" and backbone["norm_cfg"]["type"] == "SyncBN"
+    assert backbone["init_cfg"] == dict(type="Pretrained", checkpoint=f"{prefix}_backbone.pth")
+    files = {n: torch.load(f"{prefix}_{n}.pth", weights_only=True)["state_dict"] for n in ("backbone", "full")}
+    check_mm(files["backbone"], mm_resnet(backbone["depth"]))
+    assert head["num_classes"] == {"voc": 21, "cityscapes": 19}[dataset] and head["norm_cfg"]["type"] == "SyncBN"
+    assert head["init_cfg"][0] == dict(type="Normal", std=0.01, override=dict(name="conv_seg"))  # mmseg's, kept
+    if head["type"] == "FCNHead":
+        assert (backbone["dilations"], backbone["strides"]) == (((1, 1, 1, 2), (1, 2, 2, 1)) if name.startswith("r50")
+                                                                else ((1, 1, 1, 1), (1, 2, 2, 2)))
+        assert backbone["contract_dilation"] and head["align_corners"] is True
+        assert (head["num_convs"], head["concat_input"], head["dilation"], head["dropout_ratio"]) == (2, False, 6, 0)
+        assert head["init_cfg"][1] == dict(type="Pretrained", checkpoint=f"{prefix}_decode_head.pth")
+        built = {k: v for k, v in mm_fcn_head(head["in_channels"], head["channels"], head["num_classes"]).items()
+                 if not k.startswith("conv_seg.")}  # the classifier is new
+        check_mm(torch.load(f"{prefix}_decode_head.pth", weights_only=True)["state_dict"], built)
+        check_mm(files["full"], {**prefixed("backbone.", mm_resnet(backbone["depth"])),
+                                 **prefixed("decode_head.", built)})
+    else:
+        neck = model["neck"]
+        assert head["type"] == "FPNHead" and neck["type"] == "FPN" and neck["norm_cfg"]["type"] == "SyncBN"
+        assert neck["init_cfg"] == dict(type="Pretrained", checkpoint=f"{prefix}_neck.pth")
+        built = mm_fpn_neck(neck["in_channels"], neck["out_channels"])
+        check_mm(torch.load(f"{prefix}_neck.pth", weights_only=True)["state_dict"], built)
+        check_mm(files["full"], {**prefixed("backbone.", mm_resnet(backbone["depth"])), **prefixed("neck.", built)})
+    assert f"load_from = '{prefix}_full.pth'" in text
+
+
+def test_detectron2_overrides_yaml_and_docs_are_one_and_the_same(ckpts, tmp_path):
+    out = tmp_path / "decon_r50.pkl"
+    text = run("--checkpoint", ckpts["r50_fpn"], "--to", "detectron2", "--output", out)
+    settings = convert.detectron2_settings(str(out), {"arch": "resnet50"}, fpn=True)
+    assert settings["MODEL.RESNETS.NORM"] == settings["MODEL.FPN.NORM"] == "SyncBN"
+    assert settings["MODEL.BACKBONE.FREEZE_AT"] == 0 and settings["MODEL.RESNETS.STRIDE_IN_1X1"] is False
+    overrides, yaml = text.split("or in the config file (YAML):\n")
+    assert [line[2:] for line in overrides.splitlines() if line.startswith("  ")] == \
+        convert.detectron2_overrides(settings)
+    yaml_lines = [line[2:] for line in yaml.splitlines() if line.startswith("  ")]
+    assert yaml_lines == convert.detectron2_yaml(settings)
+    for key, value in settings.items():  # every setting, once, in both forms
+        assert sum(line.strip().startswith(key.split(".")[-1] + ":") for line in yaml_lines) >= 1
+    docs = open(os.path.join(HERE, "docs", "EXPORT.md")).read()
+    block = docs[docs.index("```yaml\n") + 8:]
+    block = block[:block.index("```")].splitlines()
+    assert block == convert.detectron2_yaml(convert.detectron2_settings("decon_r50.pkl", {"arch": "resnet50"}, True))
+
+
+# ---------------------------------------------------------------- pictures (visualize.py, eval.py --save-predictions)
+
+@pytest.fixture(scope="module")
+def pretrained_runs(tmp_path_factory):
+    """Real last.pt files of one-step pretrain.py runs, a SlotCon and a DenseCL variant, shared by this section."""
+    paths, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # as pretrain_here: at 64 px a second thread costs more than it saves
+    try:
+        for name in ("decon-ml-slotcon-fpn", "decon-sl-densecl-fcn"):
+            out = tmp_path_factory.mktemp(name)
+            pretrain.main(tiny_args(name, output_dir=str(out), max_steps=1))
+            paths[name] = str(out / "last.pt")
+    finally:
+        torch.set_num_threads(threads)
+    return paths
+
+def run_visualize(*argv):
+    return visualize.main(visualize.get_args_parser().parse_args([str(a) for a in argv]))
+
+def test_visualize_strip_has_one_panel_per_level_of_the_expected_size(pretrained_runs, tmp_path, one_thread):
+    for name in ("a", "b"):
+        write_image(str(tmp_path / "in" / f"{name}.png"), w=50, h=40)
+    ckpt = pretrained_runs["decon-ml-slotcon-fpn"]
+    run_visualize("--checkpoint", ckpt, "--images", tmp_path / "in", "--output", tmp_path / "viz")
+    s, gap, top = 64, visualize.GAP, visualize.LABEL
+    assert sorted(os.listdir(tmp_path / "viz")) == ["000-a.png", "001-b.png", "summary.png"]
+    strip = np.asarray(Image.open(tmp_path / "viz" / "001-b.png"))
+    assert strip.shape == (top + s, 5 * s + 4 * gap, 3)  # the image, p2, p3, p4, p5
+    assert Image.open(tmp_path / "viz" / "summary.png").size == (5 * s + 4 * gap, top + 2 * s + gap)
+    assert all((strip[:top, c * (s + gap):c * (s + gap) + s] < 100).any() for c in range(5))  # a label on each
+
+    model = tiny_model("decon-ml-slotcon-fpn")  # the teacher again, through Branch.forward
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+    image = data.load_rgb(str(tmp_path / "in" / "b.png")).resize((s, s), Image.BICUBIC)
+    with torch.no_grad():
+        out = model.eval().teacher([data.to_tensor(image)[None]])[0]
+    panels = [strip[top:, c * (s + gap):c * (s + gap) + s] for c in range(5)]
+    assert np.array_equal(panels[0], np.asarray(image))
+    for lvl, panel, cells in zip(("p2", "p3", "p4", "p5"), panels[1:], (16, 8, 4, 2)):
+        ids = out[lvl].scores[0].argmax(0).numpy()
+        assert ids.shape == (cells, cells)
+        grid = Image.fromarray(visualize.prototype_palette(8)[ids]).resize((s, s), Image.NEAREST)
+        assert np.array_equal(panel, np.asarray(Image.blend(image, grid, 0.5))), lvl
+
+def test_visualize_gives_a_prototype_one_colour_in_every_image(pretrained_runs, tmp_path, one_thread):
+    ckpt, s = pretrained_runs["decon-ml-slotcon-fpn"], 64
+    run_visualize("--checkpoint", ckpt, "--scenes", 2, "--output", tmp_path)
+    model = visualize.build_model(*visualize.read_checkpoint(ckpt))
+    scenes = data.SyntheticScenes(2, 128, data.SYNTHETIC_SPLIT_SEEDS["test"])
+    seen = {}  # prototype id -> the colours recovered from its blended cells, over both images
+    for i, name in enumerate(("000-scene0.png", "001-scene1.png")):
+        image = np.asarray(scenes[i].resize((s, s), Image.BICUBIC), dtype=int)
+        ids = visualize.teacher_maps(model, data.to_tensor(Image.fromarray(image.astype(np.uint8)))[None])["p3"]
+        p3 = np.asarray(Image.open(tmp_path / name), dtype=int)[visualize.LABEL:, 2 * (s + visualize.GAP):][:, :s]
+        for (y, x), k in np.ndenumerate(ids):  # at the centre of each 8 x 8 cell, colour = 2 * blend - image
+            cy, cx = 8 * y + 4, 8 * x + 4
+            seen.setdefault(k, ([], []))[i].append(2 * p3[cy, cx] - image[cy, cx])
+    palette = visualize.prototype_palette(8).astype(int)
+    assert any(first and second for first, second in seen.values()), "no prototype in both images"
+    for k, (first, second) in seen.items():
+        assert all(np.abs(c - palette[k]).max() <= 2 for c in first + second), k
+    assert np.abs(palette[:, None] - palette[None]).max(-1)[~np.eye(8, dtype=bool)].min() > 8  # ids stand apart
+    assert np.array_equal(visualize.prototype_palette(64)[:8], palette)  # the colour of an id, whatever K
+
+def test_pca_colours_match_an_svd_of_all_positions_of_all_images():
+    rng = np.random.default_rng(0)
+    scale = np.array([6.0, 4.0, 2.5, 1.0, 0.5, 0.2])  # well separated components
+    basis = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    maps = [(rng.normal(size=(h, w, 6)) * scale) @ basis.T + 3.0 for h, w in ((4, 5), (2, 3), (6, 6))]
+    x = np.concatenate([m.reshape(-1, 6) for m in maps])
+    x = x - x.mean(0)
+    vt = np.linalg.svd(x, full_matrices=False)[2][:3]
+    vt = vt * np.sign(vt[np.arange(3), np.abs(vt).argmax(1)])[:, None]  # the largest loading positive
+    p = x @ vt.T
+    lo, hi = np.percentile(p, 1, axis=0), np.percentile(p, 99, axis=0)
+    expected = np.round(np.clip((p - lo) / (hi - lo), 0, 1) * 255)
+    got = np.concatenate([c.reshape(-1, 3) for c in visualize.pca_colours(maps)]).astype(int)
+    assert [c.shape for c in visualize.pca_colours(maps)] == [(4, 5, 3), (2, 3, 3), (6, 6, 3)]
+    assert np.abs(got - expected).max() <= 1
+
+def test_visualize_pca_colours_are_deterministic_and_fitted_on_all_images(pretrained_runs, tmp_path, one_thread):
+    ckpt = pretrained_runs["decon-sl-densecl-fcn"]
+    for name in ("a", "b"):
+        write_image(str(tmp_path / f"{name}.png"))
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for out in ("one", "two"):
+        run_visualize("--checkpoint", ckpt, "--images", a, b, a, "--output", tmp_path / out)
+    names = ["000-a.png", "001-b.png", "002-a.png", "summary.png"]
+    assert sorted(os.listdir(tmp_path / "one")) == names
+    assert all((tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes() for n in names)
+    strips = [np.asarray(Image.open(tmp_path / "one" / n)) for n in names[:3]]
+    assert strips[0].shape == (visualize.LABEL + 64, 3 * 64 + 2 * visualize.GAP, 3)  # the image, c5, fcn
+    assert np.array_equal(strips[0], strips[2]) and not np.array_equal(strips[0], strips[1])
+    run_visualize("--checkpoint", ckpt, "--images", a, "--output", tmp_path / "alone")
+    alone = np.asarray(Image.open(tmp_path / "alone" / "000-a.png"))
+    assert not np.array_equal(alone, strips[0])  # one fit over the call's images, not one per image
+
+def test_visualize_bad_input_is_one_line_before_any_work(tmp_path, capsys):
+    good = str(tmp_path / "last.pt")
+    fake_checkpoint(good)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    finetuned = fake_finetuned(str(tmp_path / "seed0.pt"))
+    cases = ((["--checkpoint", finetuned], f"--checkpoint {finetuned}: not a pretrain.py checkpoint (a fine-tuned"),
+             (["--checkpoint", tmp_path / "notes.txt"], "notes.txt: cannot be read as a PyTorch checkpoint"),
+             (["--checkpoint", tmp_path / "nope.pt"], f"--checkpoint {tmp_path / 'nope.pt'}: no such file"),
+             (["--checkpoint", good, "--images", tmp_path / "empty"], f"--images {tmp_path / 'empty'}: no images"),
+             (["--checkpoint", good, "--images", tmp_path / "nope.jpg"], "nope.jpg: no such file or folder"),
+             (["--checkpoint", good, "--images", tmp_path / "broken"],
+              f"none of the 1 files can be decoded (first: {tmp_path / 'broken' / 'x.jpg'})"),
+             (["--checkpoint", good, "--size", 16], "--size 16: must be at least 32"),
+             (["--checkpoint", good, "--output", tmp_path / "notes.txt" / "viz"], "notes.txt is a file"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            run_visualize(*argv, *([] if "--output" in argv else ["--output", tmp_path / "viz"]))
+        lines = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and lines[-1].startswith("error: ") and message in lines[-1], (message, lines)
+        assert len(lines) == 1 + ("broken" in str(argv)), lines  # the undecodable file: its warning, then the error
+    assert not (tmp_path / "viz").exists()
+
+def test_visualize_skips_an_undecodable_image_with_a_warning(pretrained_runs, tmp_path, capsys, one_thread):
+    write_image(str(tmp_path / "in" / "a.png"))
+    (tmp_path / "in" / "b.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    write_image(str(tmp_path / "in" / "c.png"))
+    run_visualize("--checkpoint", pretrained_runs["decon-ml-slotcon-fpn"], "--images", tmp_path / "in", "--output",
+                  tmp_path / "viz")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "b.jpg" in line]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"warning: cannot decode image {tmp_path / 'in' / 'b.jpg'}: ")
+    assert warnings[0].endswith("(skipped)")
+    assert sorted(os.listdir(tmp_path / "viz")) == ["000-a.png", "001-c.png", "summary.png"]
+    assert Image.open(tmp_path / "viz" / "summary.png").height == visualize.LABEL + 2 * 64 + visualize.GAP
+
+def test_prediction_picture_uses_the_dataset_palette_and_grey_for_ignore():
+    voc, city = eval_module.class_palette("voc", 21), eval_module.class_palette("cityscapes", 19)
+    # the published colours: the VOC devkit's labelcolormap, cityscapesScripts' labels.py
+    assert [tuple(voc[i]) for i in (0, 1, 7, 15, 20)] == [(0, 0, 0), (128, 0, 0), (128, 128, 128), (192, 128, 128),
+                                                          (0, 64, 128)]
+    assert [tuple(city[i]) for i in (0, 10, 13, 18)] == [(128, 64, 128), (70, 130, 180), (0, 0, 142), (119, 11, 32)]
+    assert np.array_equal(eval_module.class_palette("synthetic", 9)[:9], voc[:9])
+    for lut, k in ((voc, 21), (city, 19), (eval_module.class_palette("folder", 255), 255)):
+        assert tuple(lut[IGNORE_INDEX]) == (224, 224, 224) and not (lut[:k] == lut[IGNORE_INDEX]).all(1).any()
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    image = ((torch.tensor([0.2, 0.4, 0.6]).view(3, 1, 1) - mean) / std).expand(3, 1, 2)  # smaller than the mask
+    mask = torch.tensor([[0, 1, 255], [15, 20, 255]])
+    pred = torch.tensor([[1, 1, 0], [15, 0, 7]])
+    picture = np.asarray(eval_module.prediction_picture(image, mask, pred, voc))
+    assert picture.shape == (2, 9, 3)
+    assert (picture[:, :3] == [51, 102, 153]).all()  # the image, resized to the mask's size
+    grey = [224, 224, 224]
+    assert picture[:, 3:6].tolist() == [[[0, 0, 0], [128, 0, 0], grey], [[192, 128, 128], [0, 64, 128], grey]]
+    assert picture[:, 6:].tolist() == [[[128, 0, 0], [128, 0, 0], [0, 0, 0]],
+                                       [[192, 128, 128], [0, 0, 0], [128, 128, 128]]]
+
+def test_eval_save_predictions_draws_every_image_with_its_mask(tmp_path, capsys, one_thread):
+    root = make_folder(str(tmp_path / "data"))  # masks: rows cycling through 0, 1, 2, 255
+    ckpt = fake_finetuned(str(tmp_path / "seed0.pt"), num_classes=3)
+    eval_main(eval_parser().parse_args(["--checkpoint", ckpt, "--dataset", "folder", "--data-root", root,
+                                        "--workers", "0", "--save-predictions", str(tmp_path / "pictures")]))
+    assert "2 pictures in" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "pictures")) == ["00000.png", "00001.png"]
+    colours = {0: [0, 0, 0], 1: [128, 0, 0], 2: [0, 128, 0], 255: [224, 224, 224]}  # VOC's colour map, ignore grey
+    for name, image in (("00000.png", "a.jpg"), ("00001.png", "sub/b.jpg")):
+        picture = np.asarray(Image.open(tmp_path / "pictures" / name), dtype=int)
+        assert picture.shape == (32, 120, 3)
+        rgb = np.asarray(data.load_rgb(os.path.join(root, "images", "test", image)), dtype=int)
+        assert np.abs(picture[:, :40] - rgb).max() <= 1
+        assert all((picture[y, 40:80] == colours[(0, 1, 2, 255)[y % 4]]).all() for y in range(32))
+        assert {tuple(c) for c in picture[:, 80:].reshape(-1, 3)} <= {tuple(colours[k]) for k in (0, 1, 2)}
+
+
+# ---------------------------------------------------------------- detection (finetune_det.py, eval.py, convert.py)
+
+@pytest.fixture(scope="module")
+def coco_tools():
+    """pycocotools, the reference the COCO numbers are checked against (requirements-test.txt; no script uses it).
+    Its mask.decode warns under numpy 2 (an __array__ without copy=): that warning is not ours."""
+    pytest.importorskip("pycocotools")
+    from pycocotools import mask
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    return mask, COCO, COCOeval
+
+
+COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def pycoco_scores(coco_tools, gts, dets, images, categories, iou_type):
+    """pycocotools' first six numbers on in-memory annotations (it edits them: it gets copies), NaN for its -1."""
+    _, COCO, COCOeval = coco_tools
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "categories": [{"id": c} for c in categories],
+                      "annotations": pickle.loads(pickle.dumps(gts))}
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(pickle.loads(pickle.dumps(dets))), iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {k: math.nan if v == -1 else float(v) for k, v in zip(COCO_KEYS, ev.stats)}
+
+
+def assert_same_scores(ours, reference, tol=1e-4):
+    for k in COCO_KEYS:
+        assert (math.isnan(ours[k]) and math.isnan(reference[k])) or abs(ours[k] - reference[k]) <= tol, \
+            (k, ours[k], reference[k])
+
+
+def random_coco_boxes(seed, n_img=24, cats=(1, 3, 7)):
+    """Objects of every size (crowd regions among them, areas on the range bounds 1024 and 9216, 3 images without
+    any) and detections near them or anywhere: 2-decimal scores (ties), exact duplicates, 130 of one category on
+    the first image (beyond maxDets 100), a category without ground truth (42)."""
+    rng = np.random.default_rng(seed)
+    ids = sorted(rng.choice(1000, n_img, replace=False).tolist())
+    gts, dets = [], []
+    for i in ids[:-3]:
+        for _ in range(rng.integers(0, 8)):
+            w, h = np.exp(rng.uniform(np.log(2), np.log(350), 2))
+            area = float(rng.choice([1024, 9216])) if rng.random() < 0.08 else float(w * h * rng.uniform(0.4, 1))
+            gts.append({"id": len(gts) + 1, "image_id": i, "category_id": int(rng.choice(cats)), "area": area,
+                        "bbox": [*map(float, rng.uniform(-10, 450, 2)), float(w), float(h)],
+                        "iscrowd": int(rng.random() < 0.1)})
+    for i in ids:
+        mine = [g for g in gts if g["image_id"] == i]
+        for _ in range(130 if i == ids[0] else int(rng.integers(0, 30))):
+            if mine and rng.random() < 0.6:
+                g = mine[rng.integers(len(mine))]
+                (x, y, w, h), j = g["bbox"], rng.normal(0, 0.12, 4)
+                box, cat, score = [x + j[0] * w, y + j[1] * h, w * np.exp(j[2]), h * np.exp(j[3])], \
+                    g["category_id"], rng.uniform(0.3, 1.0)
+            else:
+                w, h = np.exp(rng.uniform(np.log(2), np.log(350), 2))
+                box, cat, score = [*rng.uniform(0, 450, 2), w, h], int(rng.choice(cats + (42,))), rng.uniform(0, 0.8)
+            dets.append({"image_id": i, "category_id": cats[0] if i == ids[0] else cat,
+                         "bbox": [float(v) for v in box], "score": float(np.round(score, 2))})
+            if rng.random() < 0.03:
+                dets.append(dict(dets[-1]))
+    return gts, dets, [{"id": i, "height": 480, "width": 640} for i in ids], sorted(set(cats) | {42})
+
+
+def list_counts(mask):
+    """Uncompressed COCO counts of a bool mask, computed here with numpy (not with data.py)."""
+    flat = np.asarray(mask, bool).ravel(order="F")
+    counts = np.diff(np.concatenate(([0], np.flatnonzero(np.diff(flat.astype(np.int8))) + 1, [flat.size]))).tolist()
+    return [0] + counts if flat.size and flat[0] else counts
+
+
+def random_coco_masks(seed, coco_tools, n_img=10, cats=(1, 2, 5)):
+    """Objects as polygons (some in two parts, some partly outside the image), compressed RLEs, and crowd regions
+    as list-count RLEs; detections as RLEs (from data.masks_to_rles, which pycocotools then decodes) of shifted or
+    thinned objects and of random rectangles."""
+    mask_api = coco_tools[0]
+    rng = np.random.default_rng(seed)
+    sizes = {i: (int(rng.integers(60, 160)), int(rng.integers(60, 200))) for i in range(1, n_img + 1)}
+    gts, dets, masks = [], [], {}
+    for i, (H, W) in sizes.items():
+        yy, xx = np.mgrid[:H, :W]
+        for _ in range(rng.integers(0, 6) if i < n_img else 0):
+            r = float(np.exp(rng.uniform(np.log(3), np.log(min(H, W) / 1.5))))
+            cx, cy, crowd = rng.uniform(-5, W + 5), rng.uniform(-5, H + 5), int(rng.random() < 0.12)
+            if crowd or rng.random() < 0.3:
+                m = ((xx - cx) / r) ** 2 + ((yy - cy) / (r * rng.uniform(0.5, 1.5))) ** 2 <= 1
+                counts = list_counts(m) if crowd else \
+                    mask_api.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode()
+                segm = {"size": [H, W], "counts": counts}
+            else:
+                segm = []
+                for part in range(1 + (rng.random() < 0.2)):
+                    n = int(rng.integers(3, 12))
+                    angle, radius = np.sort(rng.uniform(0, 2 * np.pi, n)), r * rng.uniform(0.4, 1.0, n) / (1 + part)
+                    segm.append(np.column_stack([cx + r * part + radius * np.cos(angle),
+                                                 cy + radius * np.sin(angle)]).ravel().tolist())
+                m = mask_api.decode(mask_api.merge(mask_api.frPyObjects(segm, H, W))).astype(bool)
+            gts.append({"id": len(gts) + 1, "image_id": i, "category_id": int(rng.choice(cats)), "iscrowd": crowd,
+                        "bbox": [0.0, 0.0, 1.0, 1.0], "area": float(m.sum()), "segmentation": segm})
+            masks[gts[-1]["id"]] = m
+    for i, (H, W) in sizes.items():
+        mine = [g for g in gts if g["image_id"] == i]
+        for _ in range(int(rng.integers(0, 20))):
+            if mine and rng.random() < 0.6:
+                g = mine[rng.integers(len(mine))]
+                m = np.roll(masks[g["id"]], tuple(rng.integers(-2, 3, 2)), axis=(0, 1)) & (rng.random((H, W)) < 0.97)
+                cat, score = g["category_id"], rng.uniform(0.3, 1.0)
+            else:
+                m, (y, x) = np.zeros((H, W), bool), rng.integers(0, (H, W))
+                m[y:y + rng.integers(1, 60), x:x + rng.integers(1, 60)] = True
+                cat, score = int(rng.choice(cats)), rng.uniform(0.0, 0.8)
+            dets.append({"image_id": i, "category_id": cat, "segmentation": data.masks_to_rles(m[None])[0],
+                         "score": float(np.round(score, 2))})
+    return gts, dets, [{"id": i, "height": h, "width": w} for i, (h, w) in sizes.items()], list(cats), sizes
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("seed", range(4))
+def test_coco_box_ap_matches_pycocotools(coco_tools, seed):
+    gts, dets, images, cats = random_coco_boxes(seed)
+    reference = pycoco_scores(coco_tools, gts, dets, images, cats, "bbox")
+    assert_same_scores(eval_module.coco_evaluate(gts, dets, "bbox", [im["id"] for im in images]), reference)
+    assert 0.05 < reference["AP"] < 0.95 and reference["APs"] > 0 and reference["APl"] > 0  # not degenerate
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("seed", range(2))
+def test_coco_mask_ap_matches_pycocotools(coco_tools, seed):
+    gts, dets, images, cats, sizes = random_coco_masks(seed, coco_tools)
+    reference = pycoco_scores(coco_tools, gts, dets, images, cats, "segm")
+    assert_same_scores(eval_module.coco_evaluate(gts, dets, "segm", [im["id"] for im in images], sizes), reference)
+    assert reference["AP"] > 0.05 and reference["APs"] > 0 and reference["APm"] > 0
+
+
+def test_coco_ap_hand_case_crowd_region_and_thresholds(coco_tools):
+    """Three 10x10 objects (A, B, D inside a crowd region C) and four detections, by score: d4 on D (IoU 100/120 =
+    0.83) and wholly inside C, d1 = A, d2 half inside C (IoU with a crowd region = overlap / own area = 0.5), d3 on
+    B at IoU 0.5 exactly. d4 takes D rather than C (real objects first) while IoU >= t; IoU may equal t.
+    t = 0.50: TP, TP, ignored, TP: AP_t = 1. t = 0.55..0.80: TP, TP, FP, FP: recall 2/3 at precision 1, the 67
+    recall levels 0.00..0.66 of 101. t = 0.85..0.95: d4 falls back on C (ignored), TP, FP, FP: 34 levels."""
+    gt = lambda i, box, area, crowd=0: {"id": i, "image_id": 1, "category_id": 1, "bbox": box, "area": area,
+                                        "iscrowd": crowd}
+    gts = [gt(1, [0, 0, 10, 10], 100), gt(2, [50, 50, 10, 10], 100), gt(3, [100, 0, 50, 50], 2500, 1),
+           gt(4, [100, 0, 10, 10], 100)]
+    dets = [{"image_id": 1, "category_id": 1, "bbox": box, "score": s}
+            for box, s in (([100, 0, 10, 12], 0.95), ([0, 0, 10, 10], 0.9), ([140, 0, 20, 10], 0.8),
+                           ([50, 50, 10, 20], 0.7))]
+    s = eval_module.coco_evaluate(gts, dets)
+    assert s["AP50"] == 1.0 and s["AP75"] == pytest.approx(67 / 101) and s["APs"] == s["AP"]
+    assert s["AP"] == pytest.approx((1 + 6 * 67 / 101 + 3 * 34 / 101) / 10)
+    assert math.isnan(s["APm"]) and math.isnan(s["APl"])  # no medium or large object
+    assert_same_scores(s, pycoco_scores(coco_tools, gts, dets, [{"id": 1, "height": 200, "width": 200}], [1], "bbox"))
+    # equal IoUs (0.82 with a and with b): the detection takes the later object, b, and leaves a (IoU 0.67) to the
+    # next one, whose IoU with b is 0.43
+    gts = [gt(1, [-1, 0, 10, 10], 100), gt(2, [1, 0, 10, 10], 100)]
+    dets = [{"image_id": 1, "category_id": 1, "bbox": box, "score": s}
+            for box, s in (([0, 0, 10, 10], 0.9), ([-3, 0, 10, 10], 0.8))]
+    assert eval_module.coco_evaluate(gts, dets)["AP50"] == 1.0
+
+
+def test_voc07_ap_hand_case():
+    """One image, three objects (one difficult), four detections: A = the first object, B = the difficult one, C
+    far off, D the second object at IoU 0.7 exactly (boxes 0-based as the detector gives them; the XML is 1-based).
+    t < 0.7: A TP, B neither, C FP, D TP: recall .5 .5 1, precision 1 .5 .67: 11-point AP (6 x 1 + 5 x 2/3) / 11
+    = 28/33. t >= 0.7 (IoU must exceed t): D is an FP, recall stays .5: 6/11."""
+    gts = [{"image_id": "000001", "class": "cat", "bbox": box, "difficult": d}
+           for box, d in (([1, 1, 10, 10], 0), ([21, 21, 40, 40], 0), ([51, 51, 60, 60], 1))]
+    dets = [{"image_id": "000001", "class": "cat", "bbox": box, "score": s}
+            for box, s in (([0, 0, 10, 10], 0.9), ([50, 50, 60, 60], 0.8), ([100, 100, 110, 110], 0.7),
+                           ([20, 20, 40, 34], 0.6))]
+    r = eval_module.voc_evaluate(gts, dets, ["cat"])
+    assert r["AP50"] == pytest.approx(28 / 33) and r["AP75"] == pytest.approx(6 / 11)
+    assert r["AP"] == pytest.approx((4 * 28 / 33 + 6 * 6 / 11) / 10)
+    assert eval_module.voc_evaluate(gts, dets, ["cat", "dog"])["AP50"] == pytest.approx(28 / 33 / 2)  # dog: 0
+    # recall exactly 3/10 stays below np.arange's level 0.30000000000000004: that level takes the next precision
+    gts = [{"image_id": i, "class": "cat", "bbox": [1, 1, 10, 10], "difficult": 0} for i in range(10)]
+    dets = [{"image_id": i, "class": "cat", "bbox": [0, 0, 10, 10] if i < 4 else [50, 50, 60, 60], "score": s}
+            for i, s in ((0, 0.9), (1, 0.8), (2, 0.7), (4, 0.6), (3, 0.5))]
+    assert eval_module.voc_evaluate(gts, dets, ["cat"])["AP50"] == pytest.approx((3 + 0.8 + 0.8) / 11)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_coco_mask_format_matches_pycocotools(coco_tools):
+    """data.py's RLE strings and polygon rasterisation are pycocotools', pixel for pixel."""
+    mask_api = coco_tools[0]
+    rng = np.random.default_rng(0)
+    for shape in ((1, 1), (3, 7), (37, 53), (480, 640)):
+        for p in (0.0, 0.01, 0.5, 0.99, 1.0):
+            m = rng.random(shape) < p
+            if p == 0.5 and m.size > 10:  # long runs: numbers of several characters, negative differences
+                m[:] = False
+                m[shape[0] // 3:, shape[1] // 4:] = True
+            reference = mask_api.encode(np.asfortranarray(m.astype(np.uint8)))
+            assert data.masks_to_rles(torch.from_numpy(m)[None])[0] == {"size": list(shape),
+                                                                        "counts": reference["counts"].decode()}
+            for segm in (reference, {"size": list(shape), "counts": list_counts(m)}):
+                assert np.array_equal(data.segmentation_to_mask(segm, *shape), m)
+    for n in range(500):
+        H, W, k = int(rng.integers(1, 120)), int(rng.integers(1, 120)), int(rng.integers(3, 15))
+        parts = [np.column_stack([rng.uniform(-20, W + 20, k), rng.uniform(-20, H + 20, k)]).ravel().tolist()
+                 for _ in range(1 + n % 3)]
+        if n % 4 == 0:  # on the grid of halves and fifths: the rounding cases
+            parts = [(np.round(np.asarray(p) * 5) / 5).tolist() for p in parts]
+        reference = mask_api.decode(mask_api.merge(mask_api.frPyObjects(parts, H, W))).astype(bool)
+        assert np.array_equal(data.segmentation_to_mask(parts, H, W), reference), (parts, H, W)
+
+
+def test_synthetic_scene_objects_leave_the_image_and_mask_unchanged():
+    """With `instances`, the same draws: the image and mask are the ones pre-training and the segmentation results
+    were made with (their digest frozen here), and the objects tile the mask exactly."""
+    digest = hashlib.sha1()
+    for seed, size in ((0, 96), (102, 64)):
+        for i in range(6):
+            image, mask, masks, classes = data.synthetic_scene(i, size, seed, instances=True)
+            digest.update(image.tobytes())
+            digest.update(mask.tobytes())
+            assert all(np.array_equal(a, b) for a, b in zip(data.synthetic_scene(i, size, seed), (image, mask)))
+            assert masks.any((1, 2)).all() and (masks.sum(0) <= 1).all()
+            assert np.array_equal((masks * classes[:, None, None]).sum(0), mask)
+    assert digest.hexdigest() == "7f54999fd8331a08eba86848298043007192a0b5"
+
+
+def test_detection_train_transform_keeps_boxes_masks_and_flips_aligned():
+    """Resized (short side drawn from the sizes, long side bound) and flipped half the time: each box is still the
+    tight box of its mask, computed apart (boxes by arithmetic, masks by nearest resizing), to a pixel."""
+    scenes = data.SyntheticDetection(6, 64, 100)
+    transform = data.DetectionTrainTransform([48, 96], max_size=80, with_masks=True)
+    random.seed(0)
+    flips, sides = 0, set()
+    for i in range(len(scenes)):
+        image, annotations = scenes[i]
+        x, target = transform(image, annotations)
+        sides.add(tuple(x.shape[1:]))
+        assert x.shape[1:] == target["masks"].shape[1:] and len(target["boxes"]) == len(annotations)
+        for box, m in zip(target["boxes"], target["masks"].bool().numpy()):
+            tight = torch.tensor(data.mask_box(m))
+            assert (box - torch.cat([tight[:2], tight[:2] + tight[2:]])).abs().max() <= 1.0
+        first = torch.tensor(annotations[0]["bbox"]) * x.shape[2] / 64
+        flips += bool(abs(target["boxes"][0, 0] - (x.shape[2] - first[0] - first[2])) < 1e-4)
+    assert sides == {(48, 48), (80, 80)} and 0 < flips < len(scenes)  # 96 px is bounded to 80
+
+
+def test_warmup_multistep_schedule_and_weight_decay_groups():
+    lrs = fdet.warmup_multistep_schedule(0.02, 100, [60, 80], 10)
+    assert lrs[0] == pytest.approx(0.02 * 0.001) and lrs[5] == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
+    assert lrs[10] == lrs[59] == pytest.approx(0.02) and lrs[60] == pytest.approx(0.002)
+    assert lrs[80] == lrs[99] == pytest.approx(0.0002) and len(lrs) == 100
+    model = models.build_detector("resnet18", 9, "faster")
+    decay, no_decay = fdet.parameter_groups(model, 1e-4)
+    bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(no_decay["params"]) == 2 * len(bn) and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def detection_args(*argv):
+    parser = fdet.get_args_parser()
+    return fdet.finalize_args(parser.parse_args([str(a) for a in argv]), parser)
+
+
+def test_paper_recipes_are_the_detection_defaults(tmp_path):
+    voc = detection_args("--dataset", "voc", "--data-root", tmp_path, "--output-dir", tmp_path / "o")
+    coco = detection_args("--dataset", "coco", "--data-root", tmp_path, "--output-dir", tmp_path / "o")
+    assert (voc.model, voc.iters, voc.batch_size, voc.lr, voc.lr_steps, voc.warmup_iters) == \
+        ("faster", 24000, 16, 0.02, [18000, 22000], 100)
+    assert voc.min_size == [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800] and voc.test_size == 800
+    assert (coco.model, coco.iters, coco.batch_size, coco.lr, coco.lr_steps, coco.warmup_iters) == \
+        ("mask", 90000, 16, 0.02, [60000, 80000], 1000)
+    assert coco.min_size == [640, 672, 704, 736, 768, 800] and coco.max_size == 1333 and coco.roi_batch_size == 512
+
+
+def test_detection_flags_are_rejected_before_any_work(tmp_path, capsys):
+    for argv, message in ((["--dataset", "coco"], "--data-root is required for --dataset coco"),
+                          (["--lr-steps", "400"], "--lr-steps 400: increasing iterations within (0, --iters 100)"),
+                          (["--min-size", "16", "64"], "--min-size / --test-size 16: the ResNet needs at least 32 px"),
+                          (["--warmup-iters", "100"], "--warmup-iters 100: must be in [0, --iters 100)"),
+                          (["--transfer", "encoder+decoder"], "--transfer encoder+decoder needs --pretrained")):
+        with pytest.raises(SystemExit):
+            detection_args(*argv, "--output-dir", tmp_path / "o")
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def positive_variances(path):
+    """fake_checkpoint draws BatchNorm running variances from N(0, 1); BatchNorm in eval mode needs them positive."""
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = {k: v.abs() + 0.1 if k.endswith("running_var") else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, path)
+    return ckpt["model"]
+
+
+def test_transferred_encoder_and_fpn_give_our_p2_to_p5(tmp_path):
+    """Our FPNDecoder (deep supervision) on our encoder and torchvision's detection backbone loaded by
+    finetune_det.transfer compute the same p2..p5, on an input whose sides are multiples of 32 (the detector pads
+    to them); p6 is a max-pool of p5."""
+    path = str(tmp_path / "ml.pt")
+    decon = fake_checkpoint(path, "decon-ml-slotcon-fpn")
+    decon.load_state_dict(positive_variances(path))
+    detector = models.build_detector("resnet18", 9, "mask")
+    fdet.transfer(detector, ft.read_pretrained([path]), "encoder+decoder")
+    teacher, backbone = decon.teacher.eval(), detector.backbone.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ours, theirs = teacher.decoder(teacher.encoder(x)), backbone(x)
+    for s in (2, 3, 4, 5):
+        scale = ours[f"p{s}"].abs().max()
+        assert (ours[f"p{s}"] - theirs[str(s - 2)]).abs().max() <= 1e-5 * scale, s
+    assert torch.equal(theirs["pool"], F.max_pool2d(theirs["3"], 1, 2))
+
+
+def test_the_transfer_log_says_what_is_loaded_and_what_stays_random(tmp_path):
+    """The log lines of each case, and the FPN blocks whose tensors the transfer changed (torchvision's names)."""
+    lateral = "fpn_lateral2, fpn_lateral3, fpn_lateral4, fpn_lateral5"
+    inner = [f"inner_blocks.{i}" for i in range(4)]
+    cases = {
+        ("decon-ml-slotcon-fpn", "encoder+decoder"): (
+            [f"FPN -> backbone.fpn: 48 pre-trained tensors ({lateral}, fpn_output2, fpn_output3, fpn_output4, "
+             "fpn_output5)", "random init: RPN, box head, mask head"], inner + [f"layer_blocks.{i}" for i in range(4)]),
+        ("decon-sl-slotcon-fpn", "encoder+decoder"): (
+            [f"FPN -> backbone.fpn: 30 pre-trained tensors ({lateral}, fpn_output2)",
+             "random init: fpn_output3, fpn_output4, fpn_output5, RPN, box head, mask head (pre-trained without deep "
+             "supervision: only fpn_output2 exists)"], inner + ["layer_blocks.0"]),
+        ("decon-sl-slotcon-fcn", "encoder+decoder"): (
+            ["random init: FPN (the pre-trained decoder is an FCN, which has no counterpart in the detector), RPN, "
+             "box head, mask head"], []),
+        ("decon-ml-slotcon-fpn", "encoder"): (["random init: FPN (--transfer encoder), RPN, box head, mask head"], [])}
+    for (name, mode), (lines, blocks) in cases.items():
+        path = str(tmp_path / f"{name}.pt")
+        fake_checkpoint(path, name)
+        detector = models.build_detector("resnet18", 9, "mask")
+        before = {k: v.clone() for k, v in detector.backbone.fpn.state_dict().items()}
+        assert fdet.transfer(detector, ft.read_pretrained([path]), mode) == \
+            ["encoder -> backbone.body: 120 pre-trained tensors"] + lines
+        after = detector.backbone.fpn.state_dict()
+        assert sorted({k.rsplit(".", 2)[0] for k in before if not torch.equal(before[k], after[k])}) == blocks
+
+
+def test_convert_to_torchvision_loads_strictly_into_the_v2_detection_backbone(ckpts, tmp_path):
+    out = tmp_path / "tv.pth"
+    text = run("--checkpoint", ckpts["r50_fpn"], "--to", "torchvision", "--output", out)
+    sd = torch.load(out, weights_only=True)
+    backbone = torchvision.models.detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).backbone
+    backbone.load_state_dict(sd)  # strict: no key missing or unexpected, every shape right
+    encoder, decoder = (branch_tensors(ckpts["r50_fpn"], f"teacher.{part}.") for part in ("encoder", "decoder"))
+    assert all(torch.equal(sd[f"body.{k}"], v) for k, v in encoder.items())
+    assert torch.equal(sd["fpn.inner_blocks.0.0.weight"], decoder["fpn_lateral2.weight"])
+    assert torch.equal(sd["fpn.layer_blocks.3.1.running_var"], decoder["fpn_output5.norm.running_var"])
+    assert fingerprints(v for k, v in sd.items() if k.startswith("fpn.")) == fingerprints(decoder.values())
+    assert "maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=K).backbone.load_state_dict(" \
+           in text
+    run("--checkpoint", ckpts["r18_fpn_sl"], "--to", "torchvision", "--output", out)  # DeCon-SL, ResNet-18
+    backbone = torchvision.models.detection.backbone_utils.BackboneWithFPN(
+        torchvision.models.resnet18(), {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)}, [64, 128, 256, 512], 256,
+        norm_layer=nn.BatchNorm2d)
+    result = backbone.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    assert result.unexpected_keys == [] and sorted({k.rsplit(".", 2)[0] for k in result.missing_keys}) == \
+        ["fpn.layer_blocks.1", "fpn.layer_blocks.2", "fpn.layer_blocks.3"]
+
+
+def test_fold_bn_gives_the_v1_fpn_the_same_outputs(tmp_path):
+    path = str(tmp_path / "ml.pt")
+    fake_checkpoint(path, "decon-ml-slotcon-fpn")
+    positive_variances(path)
+    run("--checkpoint", path, "--to", "torchvision", "--output", tmp_path / "v2.pth")
+    text = run("--checkpoint", path, "--to", "torchvision", "--output", tmp_path / "v1.pth", "--fold-bn")
+    tvd = torchvision.models.detection
+    layers = {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)}
+    v2 = tvd.backbone_utils.BackboneWithFPN(torchvision.models.resnet18(), layers, [64, 128, 256, 512], 256,
+                                            norm_layer=nn.BatchNorm2d)
+    v2.load_state_dict(torch.load(tmp_path / "v2.pth", weights_only=True))
+    v1 = tvd.backbone_utils.resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
+                                                trainable_layers=5)
+    v1.load_state_dict(torch.load(tmp_path / "v1.pth", weights_only=True))  # strict: convs with biases, no norm
+    assert "resnet_fpn_backbone(backbone_name='resnet18', weights=None" in text
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        folded, reference = v1.eval()(x), v2.eval()(x)
+        for k in reference:
+            assert (folded[k] - reference[k]).abs().max() <= 1e-5 * reference[k].abs().max(), k
+        for name, conv in v1.fpn.named_modules():  # the folding matters: the convs alone give other outputs
+            if isinstance(conv, nn.Conv2d):
+                conv.weight.copy_(v2.fpn.get_submodule(name).weight)
+                conv.bias.zero_()
+        assert (v1(x)["0"] - reference["0"]).abs().max() > 0.1 * reference["0"].abs().max()
+
+
+def make_voc_detection(root, objects=None):
+    """VOCdevkit/VOC2007 (trainval: 000001, test: 000003) and VOC2012 (trainval: 2008_000002), 40x32 JPEGs, one
+    XML each; `objects` (name, difficult, xmin, ymin, xmax, ymax) go into 000001.xml."""
+    objects = objects or [("dog", 0, 1, 2, 20, 30), ("cat", 1, 5, 5, 40, 32)]
+    for year, split, image_id in (("VOC2007", "trainval", "000001"), ("VOC2012", "trainval", "2008_000002"),
+                                  ("VOC2007", "test", "000003")):
+        base = os.path.join(root, "VOCdevkit", year)
+        os.makedirs(os.path.join(base, "ImageSets", "Main"), exist_ok=True)
+        with open(os.path.join(base, "ImageSets", "Main", f"{split}.txt"), "w") as f:
+            f.write(image_id + "\n")
+        write_image(os.path.join(base, "JPEGImages", image_id + ".jpg"), fmt="JPEG")
+        os.makedirs(os.path.join(base, "Annotations"), exist_ok=True)
+        mine = objects if image_id == "000001" else [("person", 0, 3, 3, 9, 9)]
+        boxes = "".join(f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{x1}</xmin>"
+                        f"<ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+                        for n, d, x1, y1, x2, y2 in mine)
+        with open(os.path.join(base, "Annotations", image_id + ".xml"), "w") as f:
+            f.write(f"<annotation><size><width>40</width><height>32</height></size>{boxes}</annotation>")
+    return str(root)
+
+
+def make_coco_detection(root, annotations=None):
+    """train2017/ and val2017/ with 40x32 JPEGs 1, 2, 3 and annotations/instances_*.json: categories 3 (cat) and 7
+    (dog); image 1 a polygon dog and a cat box, image 2 only a crowd region (an RLE), image 3 nothing."""
+    annotations = annotations or [
+        {"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 4, 10, 8], "area": 80.0, "iscrowd": 0,
+         "segmentation": [[2, 4, 12, 4, 12, 12, 2, 12]]},
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [20, 10, 15, 20], "area": 150.0, "iscrowd": 0,
+         "segmentation": [[20, 10, 35, 10, 35, 30]]},
+        {"id": 3, "image_id": 2, "category_id": 3, "bbox": [0, 0, 40, 16], "area": 640.0, "iscrowd": 1,
+         "segmentation": {"size": [32, 40], "counts": [0, 16, 16] * 40}}]
+    for split in ("train2017", "val2017"):
+        for i in (1, 2, 3):
+            write_image(os.path.join(root, split, f"{i}.jpg"), fmt="JPEG")
+        os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+        with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump({"images": [{"id": i, "file_name": f"{i}.jpg", "width": 40, "height": 32} for i in (1, 2, 3)],
+                       "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}],
+                       "annotations": annotations}, f)
+    return str(root)
+
+
+def test_voc_and_coco_detection_layouts(tmp_path):
+    voc = make_voc_detection(tmp_path / "voc")
+    train, test = (data.build_detection_dataset("voc", s, voc) for s in ("train", "test"))
+    assert train.image_ids == ["000001", "2008_000002"] and test.image_ids == ["000003"] and train.metric == "voc"
+    image, (dog, cat) = train[0]
+    assert image.size == (40, 32) and dog["bbox"] == [0.0, 1.0, 20.0, 29.0] and dog["xml_box"] == [1, 2, 20, 30]
+    assert (dog["label"], cat["label"], cat["difficult"]) == (data.VOC_CLASSES.index("dog"), 8, 1)  # kept
+    coco = make_coco_detection(tmp_path / "coco")
+    train, val = (data.build_detection_dataset("coco", s, coco) for s in ("train", "val"))
+    assert train.image_ids == [1] and val.image_ids == [1, 2, 3]  # training skips crowd-only and empty images
+    assert train.classes == ("background", "cat", "dog") and train.category_ids == [3, 7]
+    (_, (dog, cat)), (_, (crowd,)) = train[0], val[1]
+    assert (dog["label"], cat["label"], crowd["iscrowd"]) == (2, 1, 1)
+    assert data.segmentation_to_mask(dog["segmentation"], 32, 40)[4:12, 2:12].all()
+    assert data.segmentation_to_mask(dog["segmentation"], 32, 40).sum() == 80
+    assert data.segmentation_to_mask(crowd["segmentation"], 32, 40).sum() == 640
+    _, target = data.DetectionTrainTransform([32], 1333, with_masks=True)(*val[1])
+    assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, 32, 40)  # crowd regions: no target
+
+
+def test_voc_metric_through_detect_gets_the_xml_boxes_back(tmp_path):
+    """A stand-in detector returning the test image's objects as the dataset gives them (Detectron2's boxes, xmin - 1
+    and ymin - 1): through eval.detect (COCO's x, y, w, h) and the VOC metric (x1, y1 + 1 again) they are the XML's
+    boxes, so AP 1 for their class (person) and 0 for the 19 others at every IoU threshold."""
+    test = data.build_detection_dataset("voc", "test", make_voc_detection(tmp_path))
+
+    class Objects(nn.Module):
+        def forward(self, images):
+            annotations = test[0][1]
+            return [{"boxes": torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in annotations)]),
+                     "labels": torch.tensor([a["label"] for a in annotations]), "scores": torch.ones(len(annotations))}]
+
+    results = eval_module.detect(Objects(), test)
+    assert results[0][3][0]["category_id"] == data.VOC_CLASSES.index("person")
+    scores = eval_module.detection_scores(test, results)["bbox"]
+    assert scores["AP"] == scores["AP50"] == scores["AP75"] == pytest.approx(1 / 20)
+
+
+@pytest.mark.parametrize("layout,change,message", [
+    ("voc", [("dog", 0, 1, 2, 20, 30), ("wolf", 0, 1, 1, 5, 5)], r"VOC2007/Annotations/000001.xml: unknown class "
+                                                                 r"'wolf'"),
+    ("voc", [("dog", 0, 1, 2, 48, 30)], r"VOC2007/Annotations/000001.xml: box \[x 0, y 1, w 48, h 29\] is not "
+                                       r"inside its 40x32 image"),
+    ("voc", "broken", r"cannot decode image .*VOC2007/JPEGImages/000001.jpg"),
+    ("coco", [{"id": 5, "image_id": 1, "category_id": 99, "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0}],
+     r"instances_train2017.json, annotation 5: unknown category_id 99"),
+    ("coco", [{"id": 6, "image_id": 1, "category_id": 3, "bbox": [30, 0, 20, 5], "area": 100, "iscrowd": 0}],
+     r"instances_train2017.json, annotation 6: box \[x 30, y 0, w 20, h 5\] is not inside its 40x32 image"),
+    ("coco", "missing", r"cannot decode image .*train2017/1.jpg"),
+])
+def test_bad_detection_data_is_one_line_naming_the_file_before_training(tmp_path, capsys, monkeypatch, layout,
+                                                                       change, message):
+    if layout == "voc":
+        root = make_voc_detection(tmp_path, None if isinstance(change, str) else change)
+        image = os.path.join(root, "VOCdevkit", "VOC2007", "JPEGImages", "000001.jpg")
+    else:
+        root = make_coco_detection(tmp_path, None if isinstance(change, str) else change)
+        image = os.path.join(root, "train2017", "1.jpg")
+    if change == "broken":
+        with open(image, "wb") as f:
+            f.write(b"not a JPEG")
+    elif change == "missing":
+        os.remove(image)
+    monkeypatch.setattr(fdet, "finetune", lambda *a, **kw: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as e:
+        fdet.main(detection_args("--dataset", layout, "--data-root", root, "--workers", "0",
+                                 "--output-dir", tmp_path / "out"))
+    assert str(e.value).count("\n") == 0 and re.search(message, str(e.value)), str(e.value)
+
+
+def test_short_detection_finetune_and_eval_give_the_same_detections(tmp_path, capsys, monkeypatch, one_thread):
+    """finetune_det.py on the built-in scenes (ResNet-18, the encoder and FPN of a one-step pretrain.py run, 4
+    iterations), then eval.py on its seed0.pt: the same detections, box for box, and the same AP."""
+    def detector(*a, **kw):  # 4 iterations leave every score below Detectron2's 0.05: keep the 20 best per image
+        model = models.build_detector(*a, **kw)
+        model.roi_heads.score_thresh, model.roi_heads.detections_per_img = 0.0, 20
+        return model
+
+    def recording_detect(*a, **kw):
+        detected.append(eval_module.detect(*a, **kw))
+        return detected[-1]
+
+    detected = []
+    monkeypatch.setattr(fdet, "build_detector", detector)
+    monkeypatch.setattr(eval_module, "build_detector", detector)
+    monkeypatch.setattr(fdet, "detect", recording_detect)
+    assert pretrain_here(capsys, epochs=1, max_steps=1, output_dir=tmp_path / "pre")[0] == 0
+    pretrained = str(tmp_path / "pre" / "last.pt")
+    out = tmp_path / "run"
+    results = fdet.main(detection_args(
+        "--pretrained", pretrained, "--transfer", "encoder+decoder", "--synthetic-size", 64, "--synthetic-train", 16,
+        "--synthetic-val", 3, "--synthetic-test", 6, "--min-size", 64, "--test-size", 64, "--iters", 4,
+        "--batch-size", 2, "--lr-steps", 3, "--warmup-iters", 1, "--eval-every", 2, "--log-every", 2,
+        "--roi-batch-size", 16, "--test-proposals", 30, "--workers", 0, "--output-dir", out))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["iter"], "loss" in r, "val_segm" in r) for r in log] == [(2, True, False), (2, False, True),
+                                                                        (4, True, False)]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["bbox"]["AP"] == results["bbox"]["AP"] and saved["seeds"][0]["transfer"][2].startswith("FPN ->")
+    assert torch.load(out / "seed0.pt", weights_only=True)["task"] == "detection"
+
+    capsys.readouterr()
+    scores = eval_main(eval_parser().parse_args(["--checkpoint", str(out / "seed0.pt"), "--workers", "0",
+                                                 "--save-detections", str(tmp_path / "dets.json")]))
+    assert "segm" in capsys.readouterr().out
+    assert scores == {kind: saved["seeds"][0][kind] for kind in ("bbox", "segm")}
+    rescored = json.loads((tmp_path / "dets.json").read_text())
+    trained = [d for r in detected[-1] for d in r[3]]
+    assert len(rescored) == len(trained) == 6 * 20 and [d["segmentation"] for d in rescored] == \
+        [d["segmentation"] for d in trained]
+    for a, b in zip(rescored, trained):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["score"] == pytest.approx(b["score"], abs=1e-6) and a["bbox"] == pytest.approx(b["bbox"], abs=1e-4)
+    with pytest.raises(SystemExit, match="error: --mode is for segmentation; .*seed0.pt is a detector"):
+        eval_main(eval_parser().parse_args(["--checkpoint", str(out / "seed0.pt"), "--mode", "slide"]))
+    segmenter = fake_finetuned(str(tmp_path / "seg.pt"))
+    with pytest.raises(SystemExit, match="are for detectors; .*seg.pt is not a finetune_det.py checkpoint"):
+        eval_main(eval_parser().parse_args(["--checkpoint", segmenter, "--save-detections", str(tmp_path / "x")]))
+
+
+class SceneOracle(nn.Module):
+    """A stand-in detector for eval.detect: each scene's own objects (boxes from their masks, the masks as
+    probabilities), some of them 2 px off, one left out, and a confident false positive per image."""
+
+    def __init__(self, scenes):
+        super().__init__()
+        self.scenes, self.calls = scenes, 0
+
+    def forward(self, images):
+        _, annotations = self.scenes[self.calls]
+        self.calls += 1
+        h, w = images[0].shape[-2:]
+        boxes, labels, masks = [], [], []
+        for k, a in enumerate(annotations[1:]):
+            x, y, bw, bh = a["bbox"]
+            shift = 2.0 * (k % 2)
+            boxes.append([x + shift, y, x + bw + shift, y + bh])
+            labels.append(a["label"])
+            masks.append(np.roll(a["segmentation"], int(shift), axis=1))
+        boxes.append([0.0, 0.0, w / 2, h / 2])
+        labels.append(1)
+        masks.append(np.pad(np.ones((h // 2, w // 2), bool), ((0, h - h // 2), (0, w - w // 2))))
+        scores = torch.linspace(0.9, 0.5, len(boxes))
+        return [{"boxes": torch.tensor(boxes), "labels": torch.tensor(labels), "scores": scores,
+                 "masks": torch.from_numpy(np.stack(masks)).float()[:, None]}]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_detections_in_coco_results_format_score_the_same_with_pycocotools(coco_tools, tmp_path):
+    """eval.detect's detections, written as eval.py --save-detections writes them, read by pycocotools' loadRes
+    against the scenes as a COCO ground-truth file: its box and mask AP are ours."""
+    scenes = data.SyntheticDetection(8, 64, data.SYNTHETIC_SPLIT_SEEDS["test"])
+    results = eval_module.detect(SceneOracle(scenes), scenes)
+    ours = eval_module.detection_scores(scenes, results, segm=True)
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps([d for r in results for d in r[3]]))
+    dets = json.loads(path.read_text())
+    assert set(dets[0]) == {"image_id", "category_id", "bbox", "score", "segmentation"}
+    gts = [{**{k: a[k] for k in ("id", "bbox", "area", "iscrowd")}, "image_id": i, "category_id": a["label"],
+            "segmentation": data.masks_to_rles(a["segmentation"][None])[0]}
+           for i in range(len(scenes)) for a in scenes[i][1]]
+    images = [{"id": i, "height": 64, "width": 64} for i in range(len(scenes))]
+    for kind in ("bbox", "segm"):
+        reference = pycoco_scores(coco_tools, gts, dets, images, list(range(1, 9)), kind)
+        assert_same_scores(ours[kind], reference)
+        assert 0.3 < reference["AP50"] < 1.0  # not degenerate: hits, misses and false positives
 
 
 # ---------------------------------------------------------------- tools: bench.py

@@ -8,7 +8,10 @@ import errno
 import gc
 import glob
 import inspect
+import json
 import os
+import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -96,6 +99,16 @@ def all_reduce_mean(x):
     return x
 
 
+def all_gather_objects(obj):
+    """[rank 0's obj, rank 1's, ...] on every rank; [obj] in one process. Pickled: for evaluation results, not for
+    the tensors of a training step."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # ---------------------------------------------------------------- errors and files
 
 def fail(message):
@@ -174,3 +187,40 @@ def unwritable(folder):
         return None
     except OSError as e:
         return f"{folder} is not writable ({e.strerror})"
+
+
+def finetune_folder_problem(folder, overwrite):
+    """The one-line error for a fine-tuning --output-dir, or None: it must be writable, and an earlier run's
+    results (results.json, log.jsonl, seedN.pt) are replaced only with --overwrite."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    earlier = [n for n in ("results.json", "log.jsonl") if n in names] + \
+        sorted(n for n in names if re.fullmatch(r"seed\d+\.pt", n))
+    if earlier and not overwrite:
+        return (f"--output-dir {folder} holds an earlier run ({', '.join(earlier[:3])}); use --overwrite to replace "
+                "it, or another --output-dir")
+    problem = unwritable(folder)
+    return f"--output-dir {problem}" if problem else None
+
+
+def command_line():
+    """How this run was started, to keep beside its results: `python SCRIPT ...` or `torchrun ... SCRIPT ...`."""
+    if world_size() == 1:
+        return shlex.join(["python"] + sys.argv)
+    return shlex.join(["torchrun", f"--nproc_per_node={world_size()}"] + sys.argv)
+
+
+class JsonLines:
+    """A log of one JSON record per line, written by rank 0 (a no-op elsewhere) and flushed at once. A new run
+    starts the file over, as its results.json and seedN.pt do."""
+
+    def __init__(self, path):
+        self.file = open(path, "w") if is_main() else None
+
+    def __call__(self, record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()

@@ -29,17 +29,20 @@ def kept_bn_stats(module):
             b.copy_(value)
 
 
-def recompute(owner, name="forward"):
-    """Replace `owner.<name>` (a method of a module holding every BatchNorm it runs) by its checkpointed self:
-    only the input is saved, and the call runs again in backward. Plain calls where grad is off (the teacher)."""
-    fn = getattr(owner, name)
+def checkpointed(fn, x, owner):
+    """fn(x), saving only x for backward and running fn again there; `owner` holds every BatchNorm fn runs. Plain
+    fn(x) where grad is off (the teacher)."""
+    if not torch.is_grad_enabled():
+        return fn(x)
+    keep_stats = lambda: (contextlib.nullcontext(), kept_bn_stats(owner))  # (forward, recompute) contexts
+    return checkpoint(fn, x, use_reentrant=False, context_fn=keep_stats)
 
-    def run(x):
-        if not torch.is_grad_enabled():
-            return fn(x)
-        keep_stats = lambda: (contextlib.nullcontext(), kept_bn_stats(owner))  # (forward, recompute) contexts
-        return checkpoint(fn, x, use_reentrant=False, context_fn=keep_stats)
-    setattr(owner, name, run)
+
+def recompute(owner, name="forward"):
+    """Replace `owner.<name>` (a method of a module holding every BatchNorm it runs) by its checkpointed self.
+    The method looks its submodules up at each call, so a later swap of them (SyncBatchNorm) is followed."""
+    fn = getattr(owner, name)
+    setattr(owner, name, lambda x: checkpointed(fn, x, owner))
 
 
 def recompute_hidden_layers(head):
@@ -48,10 +51,11 @@ def recompute_hidden_layers(head):
     (conv, BN, GELU) from the head's narrow input, the second BN + GELU from its conv output. At most five maps are
     then alive at a time, for one more first-layer conv and one more BN + GELU pass."""
     m = head.mlp
-    first, second = m[:3], m[4:6]  # slices share the modules: no new parameters
-    recompute(first)
-    recompute(second)
-    head.forward = lambda x: m[6](second(m[3](first(x))))
+
+    def forward(x):  # sliced at each call, so that modules swapped after this (SyncBatchNorm) are the ones run
+        first, second = m[:3], m[4:6]
+        return m[6](checkpointed(second, m[3](checkpointed(first, x, first)), second))
+    head.forward = forward
 
 
 def split_batch(out, n):

@@ -520,6 +520,18 @@ def test_checkpointing_gives_the_same_loss_gradients_and_bn_statistics(name, opt
     assert state.keys() == state_c.keys()  # the options leave the state-dict keys alone
 
 
+def test_recompute_follows_norm_layers_swapped_after_it_is_applied():
+    """pretrain.py converts BatchNorm to SyncBatchNorm on several GPUs after the memory options are applied: the
+    recomputed heads must run the swapped layers (here a per-sample norm, which runs on CPU)."""
+    loss, grads, _, _ = step_and_grads(per_sample_norm(tiny_model(dropout=0.0)))
+    loss_c, grads_c, _, _ = step_and_grads(per_sample_norm(tiny_model(dropout=0.0, checkpoint_heads=True,
+                                                                      checkpoint_encoder=True)))
+    torch.testing.assert_close(loss_c, loss, rtol=0, atol=1e-5)
+    assert grads_c.keys() == grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads_c[k], grads[k], rtol=0, atol=1e-5, msg=k)
+
+
 def test_batch_views_is_per_view_without_batch_statistics_and_differs_with_them():
     per_view, batched = tiny_model(dropout=0.0), tiny_model(dropout=0.0, batch_views=True)
     for m in (per_view, batched):

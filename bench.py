@@ -62,8 +62,10 @@ def get_args_parser():
       "(default 1 on CPU, 5 on CUDA)")
     a("--dim-hidden", type=int, default=None, help="projector / predictor width (default: the framework's)")
     a("--num-prototypes", type=int, default=256)
-    a("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype of our configuration")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC model and inputs")
+    a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype of our configuration (default "
+      "pretrain.py's: bf16 on CUDA and on CPUs with bf16 instructions, else fp32)")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC model and inputs "
+      "(default pretrain.py's: on CUDA only)")
     a("--checkpoint-heads", action="store_true", help="activation checkpointing of the decoder-level heads")
     a("--checkpoint-encoder", action="store_true", help="activation checkpointing of the student's ResNet stages")
     a("--checkpoint-decoder", action="store_true", help="activation checkpointing of the student's decoder")
@@ -103,7 +105,7 @@ def tensor_mb(tensors):
     return sum(s.nbytes() for s in storages.values()) / 2 ** 20
 
 
-def variant_args(variant, a, precision="bf16"):
+def variant_args(variant, a, precision="fp32"):
     """pretrain.py's arguments for one variant at the benchmark's size, validated by pretrain.finalize_args."""
     parser = pretrain.get_args_parser()
     argv = VARIANTS[variant] + ["--arch", a.arch, "--image-size", str(a.image_size), "--batch-size",
@@ -144,6 +146,7 @@ class Run:
         self.flags = (torch.rand(2, B, generator=g) < 0.5).to(device)
         self.step_idx, self.times, self.peak_mb = 0, [], 0.0
         self.flops, self.flop_share, self.head_share, self.saved_mb, self.loss = None, None, None, None, None
+        self.ops = None
 
     def step(self):
         """One training step: pretrain.train_step for ours; the authors' loop body for the baseline."""
@@ -208,6 +211,15 @@ class Run:
         self.flop_share = {k: v / est for k, v in share.items()}
         self.head_share = {k: v / est for k, v in levels.items() if v}  # "p2 head" (both branches), "p2 predictor"
 
+    def count_dispatch(self):
+        """Aten ops dispatched by one optimizer step and one teacher EMA update (after a training step, so that
+        gradients and momentum exist): on a GPU each is at least one kernel launch."""
+        with OpCount() as opt:
+            self.optimizer.step()
+        with OpCount() as ema:
+            self.model.update_teacher(0.99)
+        self.ops = {"optimizer_step": opt.n, "ema_update": ema.n, "parameters": len(self.params)}
+
     def timed(self, n):
         cuda = self.device.type == "cuda"
         if cuda:
@@ -246,17 +258,19 @@ class Run:
                 "ms_per_step_blocks": [t * 1e3 for t in self.times], "device": str(self.device),
                 "arch": a.arch, "image_size": a.image_size, "batch_size": a.batch_size, "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0],
-                "final_loss": float(self.loss)}
+                "final_loss": float(self.loss), "dispatched_ops": self.ops}
 
 
-def ours_config(a):
-    return dict(baseline=False, precision=a.precision, channels_last=a.channels_last,
+def ours_config(a, device_type):
+    precision = utils.choose_precision(device_type, a.precision)
+    channels_last = device_type == "cuda" if a.channels_last is None else a.channels_last  # pretrain.py's default
+    return dict(baseline=False, precision=precision, channels_last=channels_last,
                 checkpoint_heads=a.checkpoint_heads, checkpoint_encoder=a.checkpoint_encoder,
                 checkpoint_decoder=a.checkpoint_decoder, batch_views=a.batch_views)
 
 
 def bench_steps(a, device):
-    ours = ours_config(a)
+    ours = ours_config(a, device.type)
     authors = dict(baseline=True, precision="fp16" if device.type == "cuda" else "fp32", channels_last=False,
                    checkpoint_heads=False, checkpoint_encoder=False, checkpoint_decoder=False, batch_views=False)
     block = a.block or (5 if device.type == "cuda" else 1)
@@ -265,6 +279,7 @@ def bench_steps(a, device):
         runs = [Run(variant, c, a, device) for c in [authors] * a.baseline + [ours]]
         for r in runs:
             r.count() if a.flops else r.step()
+            r.count_dispatch()
             for _ in range(a.warmup):
                 r.step()
         done = 0
@@ -287,6 +302,18 @@ def bench_steps(a, device):
         records += recs
         del runs
     return records
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it (`n`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
 
 
 # ---------------------------------------------------------------- peak memory without a GPU
@@ -424,6 +451,12 @@ def markdown(records):
         lines.append(f"| {r['variant']} | {r['config']} | {r['img_per_s']:.2f} | {r['ms_per_step']:.0f} "
                      f"| {r['peak_mem_mb']:.0f} | {fmt(r.get('est_mem_mb'), '.0f')} "
                      f"| {fmt(r['gflop_per_img'], '.1f')} | {shares} | {fmt(r.get('tflop_per_s'), '.3f')} |")
+    ops = [r for r in records if r.get("dispatched_ops")]
+    if ops:
+        lines += ["", "| variant | config | parameter tensors | aten ops per optimizer step | per EMA update |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['config']} | {r['dispatched_ops']['parameters']} "
+                  f"| {r['dispatched_ops']['optimizer_step']} | {r['dispatched_ops']['ema_update']} |" for r in ops]
     ratios = [r for r in records if "speedup_vs_baseline" in r]
     if ratios:
         lines += ["", "| variant | ours | speed vs authors | memory vs authors |", "|---|---|---|---|"]
@@ -445,7 +478,8 @@ def main(a):
               f"{torch.get_num_threads()} threads wait for each other at every op; --threads 1 is steadier",
               file=sys.stderr, flush=True)
     if a.estimate_memory:
-        records = [estimate_memory(v, ours_config(a), a) for v in a.variants.split(",")]
+        # a GPU's memory need: the precision and layout pretrain.py takes on CUDA
+        records = [estimate_memory(v, ours_config(a, "cuda"), a) for v in a.variants.split(",")]
         print(markdown_estimates(records), flush=True)
     else:
         records = bench_data(a, device) if a.data else bench_steps(a, device)

@@ -413,8 +413,10 @@ class EpochSampler(torch.utils.data.Sampler):
 def seed_worker(worker_id):
     """DataLoader worker start: python `random` (the augmentations) follows torch's per-worker seed, and SIGTERM
     is ignored. A scheduler signals the whole process group; the main process decides (it saves and exits, and
-    the workers exit with it): a worker killed by the signal would make the main process fail before saving."""
+    the workers exit with it): a worker killed by the signal would make the main process fail before saving.
+    The worker closes its copy of the output folder's lock file (utils.lock_output_dir)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    utils.close_locks_in_child()
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)

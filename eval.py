@@ -101,7 +101,7 @@ def slide_logits(model, image, crop, stride):
 def predict(model, image, mode="whole", crop=512, stride=341, out_size=None):
     """(B, 3, h, w) normalized image -> (B, K, H, W) float logits, resized to `out_size` (default (h, w)).
     mode 'whole': one forward pass; 'slide': crop x crop windows every `stride` px (Cityscapes-size images)."""
-    image = image.contiguous(memory_format=torch.channels_last)
+    image = image.contiguous(memory_format=utils.layout_of(model))
     logits = model(image).float() if mode == "whole" else slide_logits(model, image, crop, stride)
     if out_size is not None and tuple(out_size) != tuple(logits.shape[-2:]):
         logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear",
@@ -666,7 +666,7 @@ def main_detection(args, ckpt):
         if path and (problem := utils.unwritable(os.path.dirname(os.path.abspath(path)))):
             raise SystemExit(f"error: {flag} cannot write {path}: {problem}")
     device = utils.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = utils.choose_precision(device.type, args.precision)
     workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
     try:
         data = build_detection_dataset(dataset, args.split, root, (ft["synthetic_train"], ft["synthetic_val"],
@@ -681,7 +681,7 @@ def main_detection(args, ckpt):
     model = build_detector(ft["arch"], ft["num_classes"], ft["model"], test_size, ft["max_size"],
                            ft["roi_batch_size"], ft["test_proposals"])
     model.load_state_dict(ckpt["model"])
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=utils.memory_format(device.type))
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     results = detect(model, data, device, workers, ctx, desc=f"eval {dataset}/{args.split}")
     scores = {kind: {k: as_percent(v) for k, v in s.items()}
@@ -720,7 +720,8 @@ def get_args_parser():
       "the fine-tuning's)")
     a("--max-size", type=int, default=None, help="long side bound of that rescaling (0: none)")
     a("--workers", type=int, default=None, help="data-loading processes (0 = in-process)")
-    a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (bf16 on CUDA, fp32 on CPU)")
+    a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (default bf16 on CUDA and on "
+      "CPUs with bf16 instructions, else fp32)")
     a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     a("--output", default=None, help="JSON file (default: the checkpoint's path with .<dataset>-<split>.json)")
     a("--save-predictions", default=None, metavar="DIR", help="also write image | ground truth | prediction, one PNG "
@@ -777,7 +778,7 @@ def main(args):
     if args.save_predictions and (problem := utils.unwritable(args.save_predictions)):
         raise SystemExit(f"error: --save-predictions {problem}")
     device = utils.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = utils.choose_precision(device.type, args.precision)
     workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
     try:
         data = build_dataset(dataset, args.split, root, num_classes,
@@ -786,7 +787,7 @@ def main(args):
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
 
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=utils.memory_format(device.type))
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if args.save_predictions:
         os.makedirs(args.save_predictions, exist_ok=True)

@@ -101,11 +101,13 @@ def get_args_parser():
 def finalize_args(args, parser):
     """Fill the dataset's defaults and reject impossible settings with one line, before any work."""
     defaults = DATASET_DEFAULTS[args.dataset]
+    typed = {k for k in ("lr_steps", "warmup_iters") if getattr(args, k) is not None}
     for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.min_size = list(args.min_size)
-    args.lr_steps = args.lr_steps or [round(f * args.iters) for f in defaults["step_fractions"]]
+    if args.iters >= 1:
+        derived_schedule(args, typed, defaults)
     if args.dataset != "synthetic":
         if args.data_root is None:
             parser.error(f"--data-root is required for --dataset {args.dataset}")
@@ -123,7 +125,8 @@ def finalize_args(args, parser):
     if min(args.min_size + [args.test_size]) < 32:
         parser.error(f"--min-size / --test-size {min(args.min_size + [args.test_size])}: the ResNet needs at least "
                      "32 px")
-    if args.lr_steps != sorted(args.lr_steps) or args.lr_steps[0] < 1 or args.lr_steps[-1] >= args.iters:
+    if args.lr_steps and (args.lr_steps != sorted(args.lr_steps) or args.lr_steps[0] < 1 or
+                          args.lr_steps[-1] >= args.iters):
         parser.error(f"--lr-steps {' '.join(map(str, args.lr_steps))}: increasing iterations within "
                      f"(0, --iters {args.iters})")
     if not 0 <= args.warmup_iters < args.iters:
@@ -139,12 +142,27 @@ def finalize_args(args, parser):
         parser.error("--branch needs --pretrained")
     if problem := utils.finetune_folder_problem(args.output_dir, args.overwrite):
         parser.error(problem)
-    if args.precision is None:
-        cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-        args.precision = "bf16" if cuda else "fp32"
+    args.precision = utils.choose_precision(args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                                            args.precision)
     if args.workers is None:
         args.workers = min(8, os.cpu_count() or 1)
     return args
+
+
+def derived_schedule(args, typed, defaults):
+    """The schedule values a user did not type fit any --iters: lr steps at the recipe's fractions of --iters,
+    within (0, --iters) (none when --iters is too short for them); the warm-up at most a fifth of --iters. Says
+    what it used when it departs from the recipe."""
+    notes = []
+    if "lr_steps" not in typed:
+        args.lr_steps = [s for s in (round(f * args.iters) for f in defaults["step_fractions"]) if 0 < s < args.iters]
+        if len(args.lr_steps) < len(defaults["step_fractions"]):
+            notes.append(f"lr steps {args.lr_steps or 'none'}")
+    if "warmup_iters" not in typed and args.warmup_iters > args.iters // 5:
+        args.warmup_iters = args.iters // 5
+        notes.append(f"warm-up {args.warmup_iters} iterations")
+    if notes:
+        print(f"note: --iters {args.iters}: {', '.join(notes)} (the recipe's would not fit)", flush=True)
 
 
 # ---------------------------------------------------------------- pre-trained weights
@@ -206,7 +224,7 @@ def build_model(args, pretrained, num_classes, device):
     model = model.to(device)
     if device.type == "cuda" and utils.world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBN everywhere, as the paper's configs
-    return model.to(memory_format=torch.channels_last), notes
+    return model.to(memory_format=utils.memory_format(device.type)), notes
 
 
 def scores_as_percent(scores):

@@ -109,7 +109,8 @@ def add_run_flags(a, output_dir):
     a("--seed", type=int, default=0, help="seed of the subset, the initialization and the augmentations")
     a("--seeds", type=int, nargs="+", default=None, help="one fine-tune per seed; report mean and std "
       "(overrides --seed; the paper averages 3)")
-    a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (bf16 on CUDA, fp32 on CPU)")
+    a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (default bf16 on CUDA and on "
+      "CPUs with bf16 instructions, else fp32)")
     a("--workers", type=int, default=None, help="data-loading processes per GPU (0 = in-process; default "
       "min(8, cores))")
     a("--output-dir", default=output_dir, help="results.json, log.jsonl and seedN.pt go here")
@@ -183,9 +184,8 @@ def finalize_args(args, parser):
             args.dataset, args.crop_size, args.mode, args.stride, args.base_size, args.max_size)
     except ValueError as e:
         parser.error(str(e))
-    if args.precision is None:
-        cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-        args.precision = "bf16" if cuda else "fp32"
+    args.precision = utils.choose_precision(args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                                            args.precision)
     if args.workers is None:
         args.workers = min(8, os.cpu_count() or 1)
     return args
@@ -371,7 +371,7 @@ def build_model(args, pretrained, device):
     model = model.to(device)
     if device.type == "cuda" and utils.world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg's configs use SyncBN
-    return model.to(memory_format=torch.channels_last), notes
+    return model.to(memory_format=utils.memory_format(device.type)), notes
 
 
 def finetune(args, seed, datasets, pretrained, device, log):
@@ -391,6 +391,7 @@ def finetune(args, seed, datasets, pretrained, device, log):
                                 foreach=True)  # one fused update on CPU too (torch picks it only on CUDA)
     lrs = lr_schedule(args)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    layout = utils.memory_format(device.type)
 
     indices = fraction_indices(len(datasets["train"]), args.fraction, seed)
     crops = TrainTransform(args.crop_size, args.base_size, args.scale_range, args.max_size)
@@ -405,7 +406,7 @@ def finetune(args, seed, datasets, pretrained, device, log):
     bar = tqdm(total=args.iters, disable=not utils.is_main(), dynamic_ncols=True, desc=f"seed {seed}")
     model.train()
     for it, (images, masks) in enumerate(loader, 1):
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=layout)
         masks = masks.to(device, non_blocking=True)
         for g in optimizer.param_groups:
             g["lr"] = float(lrs[it - 1])
@@ -519,7 +520,7 @@ def start(args, prepare):
         pretrained, datasets = prepare(args)
     except ValueError as e:  # data.DataError included
         raise SystemExit(f"error: {e}") from None
-    os.makedirs(args.output_dir, exist_ok=True)
+    utils.lock_output_dir(args.output_dir)  # one job per folder, until this process ends
     if utils.is_main():
         for note in (pretrained or {}).get("notes", []):
             print(note, flush=True)

@@ -338,9 +338,9 @@ class DeCon(nn.Module):
     @torch.no_grad()
     def update_teacher(self, momentum):
         """teacher <- momentum * teacher + (1 - momentum) * student, for every parameter of the branch
-        (encoder, decoder, projectors, prototypes). BN running statistics are the teacher's own."""
-        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
-            t.lerp_(s, 1.0 - float(momentum))
+        (encoder, decoder, projectors, prototypes), in one multi-tensor op. BN running statistics are the teacher's
+        own."""
+        torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()), 1.0 - float(momentum))
 
     def forward(self, crops, coords, flags, momentum):
         """crops: two (B, 3, H, W) views; coords: (2, B, 4) overlap boxes; flags: (2, B) flips;

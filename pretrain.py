@@ -81,7 +81,8 @@ def get_args_parser():
     g("--warmup-epochs", type=float, default=None, help="linear warm-up from lr/100 (SlotCon 5, DenseCL 0)")
     g("--teacher-momentum", type=float, default=None, help="EMA momentum: SlotCon 0.99 cosine to 1, DenseCL 0.999 "
       "constant")
-    g("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (bf16 on CUDA, fp32 on CPU)")
+    g("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (default bf16 on CUDA and on "
+      "CPUs with bf16 instructions, else fp32)")
 
     g = p.add_argument_group("memory and speed (speed.py; same numbers unless said)").add_argument
     g("--checkpoint-heads", action="store_true", help="recompute the decoder levels' heads and predictors in "
@@ -110,9 +111,14 @@ def get_args_parser():
 
 def finalize_args(args, parser):
     """Fill framework defaults and reject impossible settings with one line, before any work."""
+    warmup_typed = args.warmup_epochs is not None
     for k, v in FRAMEWORK_DEFAULTS[args.framework].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if not warmup_typed and args.warmup_epochs > args.epochs / 10:  # the recipe's 5 of 800 epochs fit any --epochs
+        args.warmup_epochs = args.epochs / 10
+        print(f"note: warm-up {args.warmup_epochs:g} epochs (a tenth of --epochs {args.epochs}; the "
+              f"{FRAMEWORK_DEFAULTS[args.framework]['warmup_epochs']}-epoch recipe would not fit)", flush=True)
     has_dec = args.decoder != "none"
     args.alpha = (0.5 if has_dec else 1.0) if args.alpha is None else args.alpha
     args.deep_supervision = args.decoder == "fpn" if args.deep_supervision is None else args.deep_supervision
@@ -136,6 +142,8 @@ def finalize_args(args, parser):
                                                          "upsampling needs a multiple of 32 (e.g. "
                                                          f"{max(32, args.image_size // 32 * 32)})"),
         (args.max_steps is not None and args.max_steps < 1, "--max-steps must be at least 1"),
+        (warmup_typed and not 0 <= args.warmup_epochs < args.epochs, f"--warmup-epochs {args.warmup_epochs:g}: must "
+                                                                     f"be in [0, --epochs {args.epochs})"),
         (args.data is not None and not os.path.isdir(args.data or ""), f"--data {args.data}: no such folder"),
     ] + [(getattr(args, k) < 1, f"--{k.replace('_', '-')} must be at least 1")
          for k in ("epochs", "batch_size", "num_prototypes", "queue_size", "dim_hidden", "dim_out")]
@@ -150,7 +158,7 @@ def finalize_args(args, parser):
         parser.error(f"--output-dir {problem}")
     args.variant, args.variant_warning = variant_name(args)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
+    args.precision = utils.choose_precision(args.device, args.precision)
     args.workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
     return args
 
@@ -204,7 +212,8 @@ def build_model(args):
 class LARS(torch.optim.Optimizer):
     """LARS as SlotCon uses it: for a parameter with ndim > 1, d = g + wd * p, scaled by the trust ratio
     eta * |p| / |d|; 1-D parameters (biases, BN) get neither weight decay nor scaling. Then heavy-ball momentum:
-    mu = momentum * mu + d, p = p - lr * mu."""
+    mu = momentum * mu + d, p = p - lr * mu. Written with torch's multi-tensor ops: a few kernels per step
+    whatever the number of parameters (a per-parameter loop launches ~8 per parameter on a GPU)."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
@@ -212,23 +221,31 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if p.ndim > 1:
-                    d = d.add(p, alpha=g["weight_decay"])
-                    p_norm, d_norm = torch.norm(p), torch.norm(d)
-                    d = d.mul(torch.where((p_norm > 0) & (d_norm > 0), g["eta"] * p_norm / d_norm, 1.0))
-                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
-                mu.mul_(g["momentum"]).add_(d)
-                p.add_(mu, alpha=-g["lr"])
+            params = [p for p in g["params"] if p.grad is not None]
+            d = [p.grad for p in params]
+            mat = [i for i, p in enumerate(params) if p.ndim > 1]
+            if mat:
+                w = [params[i] for i in mat]
+                dw = torch._foreach_add([d[i] for i in mat], w, alpha=g["weight_decay"])
+                p_norm, d_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(dw))
+                trust = torch.where((p_norm > 0) & (d_norm > 0), g["eta"] * p_norm / d_norm, 1.0)
+                torch._foreach_mul_(dw, trust.tolist())  # one read of the ratios: a scalar list is one kernel
+                for i, t in zip(mat, dw):
+                    d[i] = t
+            for p in params:
+                if "mu" not in self.state[p]:  # the first step (setdefault would make a tensor at every step)
+                    self.state[p]["mu"] = torch.zeros_like(p)
+            mu = [self.state[p]["mu"] for p in params]
+            torch._foreach_mul_(mu, g["momentum"])
+            torch._foreach_add_(mu, d)
+            torch._foreach_add_(params, mu, alpha=-g["lr"])
 
 
 def build_optimizer(args, params):
     if args.optimizer == "lars":
         return LARS(params, weight_decay=args.weight_decay)
-    return torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=args.weight_decay)
+    # foreach: torch picks it on CUDA by itself; asked for here so that a CPU runs (and bench.py counts) the same ops
+    return torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=args.weight_decay, foreach=True)
 
 
 def lr_schedule(peak, final, total_steps, warmup_steps):
@@ -339,12 +356,13 @@ def load_dataset(args, ckpt):
 
 
 def build_training(args, device):
-    """Model (identical initial weights on every rank; SyncBatchNorm on several GPUs; channels_last) and optimizer."""
+    """Model (identical initial weights on every rank; SyncBatchNorm on several GPUs; channels_last where it pays)
+    and optimizer."""
     torch.manual_seed(args.seed)
     model = build_model(args).to(device)
     if device.type == "cuda" and utils.world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(memory_format=torch.channels_last)  # NHWC: the heads' 1x1 convs are plain matrix products
+    model = model.to(memory_format=utils.memory_format(device.type))
     return model, build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
 
 
@@ -468,9 +486,9 @@ def train_epoch(args, loader, model, optimizer, ctx, schedules, progress, log, s
     """The epoch's remaining batches; returns at its end, at `last_step`, or when asked to stop."""
     lrs, moms = schedules
     device = next(model.parameters()).device
+    layout = utils.memory_format(device.type)
     for views, coords, flags in loader:
-        crops = [views[:, v].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                 for v in (0, 1)]
+        crops = [views[:, v].to(device, non_blocking=True).contiguous(memory_format=layout) for v in (0, 1)]
         coords, flags = coords.to(device).transpose(0, 1), flags.to(device).T  # (2, B, 4), (2, B)
         lr, momentum = float(lrs[progress.step]), moms[progress.step]
         logs, finite = train_step(model, optimizer, ctx, crops, coords, flags, lr, momentum)
@@ -489,6 +507,7 @@ def main(args):
     torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest convolution kernels
     if args.batch_size % utils.world_size():
         utils.fail(f"--batch-size {args.batch_size} is not divisible by the {utils.world_size()} processes")
+    utils.lock_output_dir(args.output_dir)  # one job per folder, until this process ends
     if utils.is_main():
         print(f"pre-training {args.variant}", flush=True)
         if args.variant_warning:

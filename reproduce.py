@@ -23,6 +23,9 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
+import torch
+
+import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QUICK = dict(arch="resnet18", image_size=32, pretrain_steps=2, pretrain_batch=4, pretrain_epochs=1,
@@ -62,8 +65,8 @@ def get_args_parser():
     a("--threads", type=int, default=1,
       help="OMP_NUM_THREADS of each stage (0: inherit); on a shared 2-core machine 1 thread ran 3x faster than 2, "
            "so the default uses the 2 cores as 2 jobs of 1 thread")
-    a("--precision", choices=["bf16", "fp32"], default="bf16",
-      help="autocast dtype of every stage (bf16 was 15 %% faster than fp32 here, on a CPU with AMX)")
+    a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype of every stage (default the "
+      "scripts': bf16 on CUDA and on CPUs with bf16 instructions, else fp32)")
     a("--device", default=None, choices=["cuda", "cpu"])
     return p
 
@@ -81,6 +84,8 @@ def finalize(args):
         raise SystemExit(f"error: --jobs {args.jobs}: must be at least 1")
     if not 0 < args.alpha < 1:
         raise SystemExit(f"error: --alpha {args.alpha}: DeCon-SL needs 0 < alpha < 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.precision = utils.choose_precision(device, args.precision)  # resolved once: it is part of each stage's key
     return args
 
 

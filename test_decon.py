@@ -16,6 +16,7 @@ import pickle
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,7 @@ VARIANTS = {  # paper name -> pretrain.py flags (the README's table)
 }
 # the one test size: ResNet-18, 64 px, batch 8, tiny heads
 TINY = dict(arch="resnet18", image_size=64, batch_size=8, dim_hidden=32, dim_out=16, num_prototypes=8, queue_size=32,
-            synthetic_images=16, workers=0, log_every=1)
+            synthetic_images=16, workers=0, log_every=1, precision="fp32")  # fp32: the same numbers on every CPU
 NOWHERE = os.path.join(tempfile.gettempdir(), "decon-tests-write-nothing-here")
 
 
@@ -71,6 +72,8 @@ def flags(**kw):
     """Keyword arguments -> pretrain.py command-line flags (True: the bare flag; False: --no-FLAG)."""
     out = []
     for k, v in kw.items():
+        if v is None:  # the flag's default
+            continue
         name = k.replace("_", "-")
         out += [f"--{name}"] if v is True else [f"--no-{name}"] if v is False else [f"--{name}", str(v)]
     return out
@@ -609,6 +612,100 @@ def test_a_non_finite_step_is_skipped_and_the_others_follow_the_formula(kind):
     assert p_ref == pytest.approx(1.855 if kind == "lars" else 1.7977)  # by hand
 
 
+def lars_per_parameter(params, lr, weight_decay, momentum, eta, state):
+    """The reference LARS: one parameter at a time, as the formula reads (pretrain.LARS's docstring)."""
+    for p in params:
+        d = p.grad
+        if p.ndim > 1:
+            d = d + weight_decay * p
+            p_norm, d_norm = torch.norm(p), torch.norm(d)
+            d = d * (eta * p_norm / d_norm if p_norm > 0 and d_norm > 0 else 1.0)
+        mu = state.setdefault(p, torch.zeros_like(p))
+        mu.mul_(momentum).add_(d)
+        p.sub_(lr * mu)
+
+
+def test_multi_tensor_lars_equals_the_per_parameter_formula():
+    """Matrices, 4-D kernels, 1-D parameters, a zero tensor (trust ratio 1) and a parameter without a gradient,
+    three steps with new gradients each."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 4, 3, 3), (16,), (5, 7), (3,), (6, 2, 1, 1)]
+    ours = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes] + [nn.Parameter(torch.zeros(4, 4))]
+    frozen = nn.Parameter(torch.randn(3, 3, generator=g))
+    ref = [nn.Parameter(p.detach().clone()) for p in ours]
+    opt, state = pretrain.LARS(ours + [frozen], lr=0.3, weight_decay=1e-2, momentum=0.9, eta=0.02), {}
+    for _ in range(3):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        ours[-1].grad.zero_()  # |p| = |d| = 0: the trust ratio is 1
+        ref[-1].grad.zero_()
+        opt.step()
+        with torch.no_grad():
+            lars_per_parameter(ref, 0.3, 1e-2, 0.9, 0.02, state)
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert frozen not in opt.state and not torch.equal(ours[0], ref[0].detach() * 0)
+
+
+def test_multi_tensor_ema_equals_the_per_parameter_lerp():
+    m = tiny_model("decon-sl-slotcon-fcn")
+    with torch.no_grad():
+        for p in m.student.parameters():
+            p.add_(torch.randn_like(p))
+    expected = [0.97 * t + 0.03 * s for t, s in zip(m.teacher.parameters(), m.student.parameters())]
+    m.update_teacher(0.97)
+    for t, e in zip(m.teacher.parameters(), expected):
+        torch.testing.assert_close(t, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["decon-ml-slotcon-fpn", "decon-sl-densecl-fpn"])
+def test_optimizer_step_and_ema_dispatch_fewer_ops_than_there_are_parameters(name):
+    """Counted with a dispatch mode (bench.OpCount): on a GPU each aten op is at least one kernel launch."""
+    args = tiny_args(name)
+    m = tiny_model(name)
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = pretrain.build_optimizer(args, params)
+    crops, coords, flags_ = batch()
+    pretrain.train_step(m, opt, contextlib.nullcontext(), crops, coords, flags_, 0.1, 0.99)
+    with bench.OpCount() as step:
+        opt.step()
+    with bench.OpCount() as ema:
+        m.update_teacher(0.99)
+    assert len(params) > 80 and 0 < step.n < 40 and ema.n == 1, (len(params), step.n, ema.n)
+
+
+def test_precision_follows_what_the_cpu_runs_natively_and_nhwc_is_for_cuda(tmp_path, monkeypatch, capsys):
+    amx, avx2, arm = tmp_path / "amx", tmp_path / "avx2", tmp_path / "arm"
+    amx.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16 amx_int8\n")
+    avx2.write_text("processor : 0\nflags : fpu sse2 avx avx2 fma\n")
+    arm.write_text("processor : 0\nFeatures : fp asimd sve bf16 i8mm\n")
+    assert utils.cpu_has_native_bf16(amx) and utils.cpu_has_native_bf16(arm)
+    assert not utils.cpu_has_native_bf16(avx2) and not utils.cpu_has_native_bf16(tmp_path / "no-such-file")
+    for native in (True, False):
+        monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda native=native: native)
+        assert utils.choose_precision("cpu") == ("bf16" if native else "fp32")
+        assert utils.choose_precision("cuda") == "bf16" and utils.choose_precision("cpu", "fp32") == "fp32"
+        assert utils.memory_format("cpu") == torch.contiguous_format and utils.memory_format("cuda") == torch.channels_last
+        assert capsys.readouterr().err == ""
+        assert utils.choose_precision("cpu", "bf16") == "bf16"  # asked for: obeyed, and warned about if emulated
+        err = capsys.readouterr().err
+        assert (err == "") if native else (err.startswith("warning: --precision bf16 on a CPU without bf16 "
+                                                           "instructions") and err.count("\n") == 1)
+        args = tiny_args("slotcon", precision=None, device="cpu")
+        assert args.precision == ("bf16" if native else "fp32")
+
+
+def test_schedule_defaults_fit_any_length(tmp_path, capsys):
+    """Values derived from the recipe fit a short run (and say so); values typed are still checked."""
+    args = tiny_args("slotcon", precision=None, epochs=2)
+    assert args.warmup_epochs == pytest.approx(0.2) and "note: warm-up 0.2 epochs" in capsys.readouterr().out
+    assert tiny_args("slotcon", epochs=100).warmup_epochs == 5
+    with pytest.raises(SystemExit):
+        tiny_args("slotcon", epochs=2, warmup_epochs=3)
+    assert "error: --warmup-epochs 3: must be in [0, --epochs 2)" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- data: decoding, folders, scenes, two views, sampling
 
 def _save(img, path, **kw):
@@ -876,8 +973,8 @@ def kill_tree(pid):
 
 
 def test_sigkill_then_resume_continues_the_same_trajectory(tmp_path):
-    """Dropout, two views, a data worker, mid-epoch kill: from the checkpoint on, per-step losses equal an
-    uninterrupted run's (CPU, fp32)."""
+    """Dropout, two views, a data worker, mid-epoch kill -9 (the folder's lock goes with the process): restarted
+    with --auto-resume, from the checkpoint on, per-step losses equal an uninterrupted run's (CPU, fp32)."""
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     assert run_pretrain(**RESUME, output_dir=ref).returncode == 0
     proc = popen_pretrain(cut, save_every=2)
@@ -886,7 +983,8 @@ def test_sigkill_then_resume_continues_the_same_trajectory(tmp_path):
     proc.wait()
     saved = torch.load(cut / "last.pt", weights_only=True)["step"]
     assert 4 <= saved < 8
-    r = run_pretrain(**RESUME, save_every=2, output_dir=cut, resume=cut / "last.pt")
+    assert f"PID {proc.pid}," in (cut / ".lock").read_text()  # the killed job's record: it blocks nothing
+    r = run_pretrain(**RESUME, save_every=2, output_dir=cut, auto_resume=True)  # as a requeued job
     assert r.returncode == 0, r.stderr
     a, b = _losses_by_step(ref / "metrics.jsonl"), _losses_by_step(cut / "metrics.jsonl")
     assert sorted(a) == sorted(b) == list(range(1, 9))
@@ -931,6 +1029,52 @@ def test_sigterm_to_the_process_group_saves_and_exits_0(tmp_path):
     assert ckpt["step"] >= 2 and f"at step {ckpt['step']}" in err and "--auto-resume" in err
 
 
+def hold_folder(folder):
+    """Another job holding `folder` (utils.lock_output_dir in a process of its own) until it is killed."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time, utils; utils.lock_output_dir(sys.argv[1]); "
+                             "print('held', flush=True); time.sleep(600)", str(folder)], cwd=HERE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def _records(path):
+    """metrics.jsonl without its timing fields."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("img_per_s", "time")} for line in open(path)]
+
+
+def test_a_second_job_in_a_folder_in_use_stops_with_one_line_and_writes_nothing(tmp_path):
+    """Started while another job holds the folder: the same command, and a requeued --auto-resume one."""
+    out = tmp_path / "run"
+    holder = hold_folder(out)
+    try:
+        for extra in ({"seed": 2}, {"auto_resume": True}):
+            r = run_pretrain(**RESUME, output_dir=out, **extra)
+            assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+            assert r.stderr.startswith(f"error: --output-dir {out} is in use by another job (host "
+                                       f"{socket.gethostname()}, PID {holder.pid}, since "), r.stderr
+            assert sorted(os.listdir(out)) == [".lock"] and f"PID {holder.pid}," in (out / ".lock").read_text()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_jobs_started_together_leave_the_first_ones_run_as_if_alone(tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert run_pretrain(**RESUME, output_dir=ref).returncode == 0
+    first = popen_pretrain(out)
+    t0 = time.time()
+    while f"PID {first.pid}," not in ((out / ".lock").read_text() if (out / ".lock").exists() else ""):
+        assert first.poll() is None and time.time() - t0 < 120, first.stderr.read()
+        time.sleep(0.05)
+    second = run_pretrain(**RESUME, output_dir=out, seed=2, auto_resume=True)
+    assert second.returncode == 2 and "is in use by another job" in second.stderr
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert _records(out / "metrics.jsonl") == _records(ref / "metrics.jsonl")
+    a, b = (torch.load(p / "last.pt", weights_only=True) for p in (ref, out))
+    assert a["step"] == b["step"] == 8 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
     utils.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
@@ -973,7 +1117,7 @@ def test_stale_partial_checkpoints_are_removed_at_start(tmp_path, capsys):
     (out / "last.pt.tmp.12345").write_bytes(b"x" * 2 ** 20)
     code, stdout, err = pretrain_here(capsys, "slotcon", epochs=1, max_steps=1, output_dir=out)
     assert code == 0, err
-    assert sorted(os.listdir(out)) == ["last.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "last.pt", "metrics.jsonl"]
     assert "removed" in stdout and "last.pt.tmp.12345 (1 MB)" in stdout
 
 
@@ -996,7 +1140,7 @@ def test_full_disk_at_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path,
     assert err.startswith("error: no space left on the device to write") and "needs about" in err \
         and "MB are free" in err and f"Last good checkpoint, intact: {tmp_path / 'last.pt'} (step 1)" in err
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 1
-    assert sorted(os.listdir(tmp_path)) == ["last.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "last.pt", "metrics.jsonl"]
 
 
 def test_resume_warns_when_the_data_changed(tmp_path, capsys):
@@ -1343,7 +1487,8 @@ def test_eval_reports_refuge_disc_and_cup(tmp_path, capsys):
     path = fake_finetuned(str(tmp_path / "seed0.pt"), num_classes=3)
     out = tmp_path / "report.json"
     eval_main(eval_parser().parse_args(["--checkpoint", path, "--dataset", "refuge", "--data-root",
-                                        str(tmp_path / "refuge"), "--workers", "0", "--output", str(out)]))
+                                        str(tmp_path / "refuge"), "--workers", "0", "--output", str(out),
+                                        "--precision", "fp32"]))
     report = json.loads(out.read_text())
     model, _ = eval_module.load_checkpoint(path)  # the same split scored again, outside eval.main
     test = Transformed(build_dataset("refuge", "test", str(tmp_path / "refuge")), EvalTransform(512))
@@ -1680,6 +1825,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+def test_finetune_folder_belongs_to_one_job_and_a_killed_one_blocks_nothing(tmp_path):
+    out = tmp_path / "seg"
+    tiny = ["finetune_seg.py", "--arch", "resnet18", "--synthetic-size", "32", "--crop-size", "32", "--synthetic-train",
+            "8", "--synthetic-val", "2", "--synthetic-test", "2", "--batch-size", "2", "--workers", "0",
+            "--eval-every", "0", "--precision", "fp32", "--output-dir", str(out), "--overwrite"]
+    first = subprocess.Popen([sys.executable, *tiny, "--iters", "100000"], cwd=HERE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        t0 = time.time()
+        while f"PID {first.pid}," not in ((out / ".lock").read_text() if (out / ".lock").exists() else ""):
+            assert first.poll() is None and time.time() - t0 < 120, first.stderr.read()
+            time.sleep(0.05)
+        listing = sorted(os.listdir(out))
+        second = run_script(*tiny, "--iters", "2", timeout=120)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert second.stderr.startswith(f"error: --output-dir {out} is in use by another job (host "
+                                        f"{socket.gethostname()}, PID {first.pid}, since ")
+        assert sorted(os.listdir(out)) == listing
+    finally:
+        first.kill()  # SIGKILL
+        first.wait()
+    third = run_script(*tiny, "--iters", "2", timeout=120)
+    assert third.returncode == 0, third.stderr
+    assert json.loads((out / "results.json").read_text())["args"]["iters"] == 2
+
 
 def test_short_finetune_beats_the_untrained_model_and_eval_reproduces_it(tmp_path, capsys, one_thread):
     out = tmp_path / "run"
@@ -2668,6 +2839,24 @@ def test_detection_flags_are_rejected_before_any_work(tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+def test_recipe_schedules_fit_any_iters(tmp_path, capsys):
+    """Steps and warm-up nobody typed are fitted to a short --iters, and say so; typed ones are still checked."""
+    args = detection_args("--iters", 4, "--output-dir", tmp_path / "a")
+    assert args.lr_steps == [3] and args.warmup_iters == 0
+    assert "note: --iters 4: lr steps [3], warm-up 0 iterations (the recipe's would not fit)" in capsys.readouterr().out
+    args = detection_args("--iters", 12, "--output-dir", tmp_path / "b")
+    assert args.lr_steps == [8, 11] and args.warmup_iters == 2
+    args = detection_args("--iters", 1, "--output-dir", tmp_path / "c")
+    assert args.lr_steps == [] and args.warmup_iters == 0 and "lr steps none" in capsys.readouterr().out
+    assert detection_args("--output-dir", tmp_path / "d").lr_steps == [70, 90]  # the recipe when it fits
+    assert "note:" not in capsys.readouterr().out
+    for argv, message in ((["--iters", 4, "--lr-steps", 3, 4], "--lr-steps 3 4: increasing iterations within"),
+                          (["--iters", 12, "--warmup-iters", 20], "--warmup-iters 20: must be in [0, --iters 12)")):
+        with pytest.raises(SystemExit):
+            detection_args(*argv, "--output-dir", tmp_path / "o")
+        assert message in capsys.readouterr().err
+
+
 def positive_variances(path):
     """fake_checkpoint draws BatchNorm running variances from N(0, 1); BatchNorm in eval mode needs them positive."""
     ckpt = torch.load(path, weights_only=True)
@@ -2905,7 +3094,7 @@ def test_short_detection_finetune_and_eval_give_the_same_detections(tmp_path, ca
     results = fdet.main(detection_args(
         "--pretrained", pretrained, "--transfer", "encoder+decoder", "--synthetic-size", 64, "--synthetic-train", 16,
         "--synthetic-val", 3, "--synthetic-test", 6, "--min-size", 64, "--test-size", 64, "--iters", 4,
-        "--batch-size", 2, "--lr-steps", 3, "--warmup-iters", 1, "--eval-every", 2, "--log-every", 2,
+        "--batch-size", 2, "--eval-every", 2, "--log-every", 2,
         "--roi-batch-size", 16, "--test-proposals", 30, "--workers", 0, "--output-dir", out))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [(r["iter"], "loss" in r, "val_segm" in r) for r in log] == [(2, True, False), (2, False, True),
@@ -2988,11 +3177,13 @@ def test_bench_runs_a_tiny_config_and_writes_json(tmp_path):
     parser = bench.get_args_parser()
     a = parser.parse_args(["--variants", "ml-fpn", "--arch", "resnet18", "--image-size", "32", "--batch-size", "2",
                            "--steps", "1", "--warmup", "0", "--dim-hidden", "32", "--num-prototypes", "8",
-                           "--baseline", "--checkpoint-heads", "--json", str(out)])
+                           "--baseline", "--checkpoint-heads", "--precision", "fp32", "--json", str(out)])
     bench.main(bench.check_args(a, parser))
     records = json.loads(out.read_text())
     assert [(r["variant"], r["config"]) for r in records] == [
-        ("ml-fpn", "authors (fp32)"), ("ml-fpn", "bf16+channels_last+ckpt_heads")]
+        ("ml-fpn", "authors (fp32)"), ("ml-fpn", "fp32+ckpt_heads")]  # NHWC is for CUDA
+    ops = records[1]["dispatched_ops"]
+    assert ops["parameters"] > 100 and 0 < ops["optimizer_step"] < 40 and ops["ema_update"] == 1
     for r in records:
         assert {"variant", "config", "img_per_s", "ms_per_step", "peak_mem_mb", "gflop_per_img"} <= set(r)
         assert r["img_per_s"] > 0 and r["ms_per_step"] > 0 and r["peak_mem_mb"] > 0
@@ -3041,7 +3232,7 @@ def test_memory_estimate_on_fake_tensors_counts_what_the_real_step_allocates(var
     bench.main(a)
     [est] = json.loads((tmp_path / "est.json").read_text())
     assert est["variant"] == variant and est["config"] == "bf16+channels_last+ckpt_heads"
-    run = bench.Run(variant, bench.ours_config(a), a, torch.device("cpu"))
+    run = bench.Run(variant, bench.ours_config(a, "cuda"), a, torch.device("cpu"))
     resident = bench.tensor_mb([*run.model.parameters(), *run.model.buffers(), *run.crops, run.coords, run.flags])
     with bench.LiveBytes() as count:
         run.step()

@@ -5,6 +5,7 @@ torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `init_distributed` reads them (NCC
 """
 import argparse
 import errno
+import fcntl
 import gc
 import glob
 import inspect
@@ -13,8 +14,10 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -53,9 +56,12 @@ def init_distributed(device_type=None):
 
 
 def shutdown():
-    """End the process group: collect what still holds it (a DistributedDataParallel wrapper: callers drop theirs
-    first), wait for every rank, then destroy it. A DDP wrapper alive at exit with one rank leaving first can abort
-    the interpreter at exit ("terminate called without an active exception")."""
+    """The end of a job: release its output folder (lock_output_dir), then end the process group: collect what
+    still holds it (a DistributedDataParallel wrapper: callers drop theirs first), wait for every rank, then
+    destroy it. A DDP wrapper alive at exit with one rank leaving first can abort the interpreter at exit
+    ("terminate called without an active exception")."""
+    while _held:
+        _held.popitem()[1].close()  # closing the file drops the flock
     if is_dist():
         gc.collect()
         dist.barrier()
@@ -107,6 +113,111 @@ def all_gather_objects(obj):
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# ---------------------------------------------------------------- precision and memory layout
+
+def cpu_has_native_bf16(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU computes bf16 in hardware, read from the flags Linux reports in /proc/cpuinfo: AVX512-BF16
+    or AMX-BF16 on x86, the BF16 extension on ARM (Neoverse V1 / N2, Graviton 3 and later). False where the file
+    does not exist (macOS, Windows): without those instructions PyTorch emulates bf16, and a backward is tens of
+    times slower than in fp32."""
+    try:
+        with open(cpuinfo) as f:
+            words = set(f.read().split())
+    except OSError:
+        return False
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def choose_precision(device_type, asked=None):
+    """The autocast dtype of every script: what the user asked for, else bf16 on CUDA and on CPUs with native
+    bf16, fp32 on other CPUs. Asking for bf16 on a CPU that would emulate it warns (one line) and is obeyed."""
+    native = device_type == "cuda" or cpu_has_native_bf16()
+    if asked == "bf16" and not native and is_main():
+        print("warning: --precision bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX or ARM BF16): "
+              "PyTorch emulates it, many times slower than fp32", file=sys.stderr, flush=True)
+    return asked or ("bf16" if native else "fp32")
+
+
+def memory_format(device_type):
+    """channels_last (NHWC) on CUDA, where cuDNN's tensor-core convolutions want it; NCHW on a CPU, where NHWC did
+    not pay in bf16 with AMX nor in fp32 (docs/PERFORMANCE.md)."""
+    return torch.channels_last if device_type == "cuda" else torch.contiguous_format
+
+
+def layout_of(model):
+    """The memory format a model was put in (by memory_format), read off its first 4-D weight (the stem's 7x7):
+    inputs in the same layout run without conversions."""
+    w = next(p for p in model.parameters() if p.dim() == 4)
+    return torch.channels_last if not w.is_contiguous() else torch.contiguous_format
+
+
+# ---------------------------------------------------------------- one job per output folder
+
+_held = {}  # folder -> the open lock file of this process: the flock lasts as long as the file stays open
+
+
+def lock_output_dir(folder):
+    """Make `folder` this job's for the whole life of the process: an exclusive flock on FOLDER/.lock, taken by
+    rank 0 (the other ranks wait for its answer). The kernel drops the lock whenever the process ends, kill -9
+    and node loss included, so a lock can never be left behind; the file records host, PID and start time for the
+    message of a second job, which stops here (status 2, one line) having written nothing. On a file system
+    without flock (some network mounts) the record decides instead: a live PID on this host holds the folder."""
+    problem, key = None, os.path.realpath(folder)
+    if is_main() and key not in _held:
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, ".lock")
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            problem = f"--output-dir {folder} is in use by another job ({holder(f) or 'unknown'}): wait for it to " \
+                      "end or choose another --output-dir"
+        except OSError as e:  # ENOLCK / EOPNOTSUPP: no flock on this file system, check the record
+            mine = re.fullmatch(rf"host {re.escape(socket.gethostname())}, PID (\d+), .*", holder(f))
+            if mine and pid_alive(int(mine[1])):
+                problem = f"--output-dir {folder} is in use by another job ({holder(f)})"
+            elif is_main():
+                print(f"warning: --output-dir {folder}: no file locks on this file system ({e.strerror}); two jobs "
+                      "on other hosts could share it", file=sys.stderr, flush=True)
+        if problem:
+            f.close()
+        else:
+            f.truncate(0)
+            f.write(f"host {socket.gethostname()}, PID {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+            _held[key] = f
+    problem = all_gather_objects(problem)[0]
+    if problem:
+        if is_main():
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+def holder(f):
+    """The record of the job holding a lock file ('host H, PID P, since T'), or ''."""
+    f.seek(0)
+    return f.read().strip()
+
+
+def pid_alive(pid):
+    """Whether process `pid` of this host exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_locks_in_child():
+    """In a forked DataLoader worker: close the inherited lock files, so that a worker outliving a killed main
+    process does not keep its folder locked (closing a copy releases nothing while the parent holds it)."""
+    for f in _held.values():
+        f.close()
+    _held.clear()
 
 
 # ---------------------------------------------------------------- errors and files

@@ -34,17 +34,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 import data
 import pretrain
 import utils
+from models import FRAMEWORKS
+from pretrain import VARIANTS
 
-VARIANTS = {  # short name -> pretrain.py flags (the README's variant table)
-    "slotcon": ["--framework", "slotcon", "--decoder", "none"],
-    "sl-fcn": ["--framework", "slotcon", "--decoder", "fcn", "--alpha", "0.5"],
-    "sl-fpn": ["--framework", "slotcon", "--decoder", "fpn", "--no-deep-supervision"],
-    "ml-fpn": ["--framework", "slotcon", "--decoder", "fpn", "--alpha", "0", "--dropout", "0.5"],
-    "densecl": ["--framework", "densecl", "--decoder", "none"],
-    "densecl-sl-fcn": ["--framework", "densecl", "--decoder", "fcn"],
-    "densecl-sl-fpn": ["--framework", "densecl", "--decoder", "fpn", "--no-deep-supervision"],
-    "densecl-ml-fpn": ["--framework", "densecl", "--decoder", "fpn", "--dropout", "0.5"],
-}
 PARTS = ("encoder", "decoder", "heads", "other")
 
 
@@ -108,7 +100,7 @@ def tensor_mb(tensors):
 def variant_args(variant, a, precision="fp32"):
     """pretrain.py's arguments for one variant at the benchmark's size, validated by pretrain.finalize_args."""
     parser = pretrain.get_args_parser()
-    argv = VARIANTS[variant] + ["--arch", a.arch, "--image-size", str(a.image_size), "--batch-size",
+    argv = pretrain.variant_argv(variant) + ["--arch", a.arch, "--image-size", str(a.image_size), "--batch-size",
                                 str(a.batch_size), "--num-prototypes", str(a.num_prototypes), "--precision", precision,
                                 "--output-dir", tempfile.gettempdir()]  # finalize_args probes it for writing
     if a.dim_hidden is not None:
@@ -201,7 +193,7 @@ class Run:
         roots += [(f"DeCon.{b}.heads.{lvl}", f"{lvl} head", 1 if b == "teacher" else 4 if heads[lvl] else 3)
                   for b in ("student", "teacher") for lvl in m.levels]
         roots += [(f"DeCon.objectives.{lvl}.predictor", f"{lvl} predictor", 4 if heads[lvl] else 3)
-                  for lvl in m.levels if m.framework == "slotcon"]
+                  for lvl in m.levels if hasattr(m.objectives[lvl], "predictor")]
         for name, part, weight in roots:
             (share if part in share else levels)[part] += weight * counts.get(name, 0)
             counted += counts.get(name, 0)
@@ -406,8 +398,8 @@ def bench_data(a, device):
     if a.workers == 0:
         torch.set_num_threads(1)  # as in a DataLoader worker
     records = []
-    for name, view in (("slotcon", data.SlotConTwoView), ("densecl", data.DenseCLTwoView)):
-        loader = torch.utils.data.DataLoader(Cycle(images, view(a.image_size)), batch_size=a.batch_size,
+    for name, framework in FRAMEWORKS.items():
+        loader = torch.utils.data.DataLoader(Cycle(images, framework.two_view(a.image_size)), batch_size=a.batch_size,
                                              num_workers=a.workers, pin_memory=device.type == "cuda",
                                              persistent_workers=a.workers > 0, worker_init_fn=data.seed_worker)
         it = iter(loader)

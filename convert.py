@@ -23,13 +23,12 @@ The branch defaults to what the authors export: the EMA teacher for SlotCon, the
 """
 import os
 import pickle
-import re
 import sys
 
 import torch
 
 import utils
-from models import load_pretrained, torchvision_fpn_key
+from weights import export_detectron2, export_mmseg, export_torchvision, load_pretrained, without_fc
 
 # Our encoders saw RGB in [0, 1] normalized with the ImageNet statistics; Detectron2 takes 0-255 input.
 PIXEL_MEAN = [123.675, 116.28, 103.53]
@@ -56,43 +55,6 @@ def get_args_parser():
     a("--dataset", choices=sorted(MMSEG_DATASETS), default="voc", help="mmseg: the dataset of the printed config "
       "(classes, crop, test mode)")
     return p
-
-
-# ---------------------------------------------------------------- key renames
-
-def detectron2_resnet_key(name):
-    """torchvision ResNet key -> Detectron2 ResNet key, the renames of MoCo's detection converter:
-    conv1/bn1 -> stem.conv1/stem.conv1.norm, layer{t} -> res{t+1}, bn{i} -> conv{i}.norm,
-    downsample.0 -> shortcut, downsample.1 -> shortcut.norm."""
-    if not name.startswith("layer"):
-        name = "stem." + name
-    name = re.sub(r"^layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", name)
-    name = re.sub(r"(^|\.)bn(\d)\.", r"\1conv\2.norm.", name)
-    return name.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
-
-
-def mmseg_neck_key(name):
-    """Detectron2 FPN key -> mmseg FPN neck key. mmcv's ConvModule calls its BatchNorm `bn`, and mmseg numbers
-    the levels from c2: fpn_lateral{s}.weight -> lateral_convs.{s-2}.conv.weight,
-    fpn_output{s}.norm.X -> fpn_convs.{s-2}.bn.X."""
-    m = re.fullmatch(r"fpn_(lateral|output)([2-5])\.(weight|norm\.\w+)", name)
-    if m is None:
-        raise ValueError(f"unexpected FPN decoder key {name!r} in the checkpoint")
-    kind, level, rest = m.groups()
-    module = "lateral_convs" if kind == "lateral" else "fpn_convs"
-    rest = "conv.weight" if rest == "weight" else "bn." + rest[len("norm."):]
-    return f"{module}.{int(level) - 2}.{rest}"
-
-
-def without_fc(encoder):
-    # no classifier is ever pre-trained; dropping fc keeps strict=False loads free of "unexpected" keys
-    return {k: v for k, v in encoder.items() if not k.startswith("fc.")}
-
-
-def to_numpy(t):
-    # pretrain.py saves channels_last weights: hand Detectron2 C-contiguous arrays. (np.ascontiguousarray would
-    # turn the 0-d num_batches_tracked into shape (1,), which Detectron2 skips as a shape mismatch.)
-    return t.detach().cpu().contiguous().numpy()
 
 
 # ---------------------------------------------------------------- what to export
@@ -140,61 +102,7 @@ def select(args):
     return (without_fc(encoder) if want_enc else None), (decoder if want_dec else None), info, notes
 
 
-# ---------------------------------------------------------------- exporters
-
-def export_detectron2(encoder, decoder):
-    """{name: numpy array}: ResNet keys renamed for Detectron2, FPN keys verbatim (suffix matching resolves
-    them to backbone.fpn_*)."""
-    model = {}
-    if encoder is not None:
-        model.update({detectron2_resnet_key(k): to_numpy(v) for k, v in encoder.items()})
-    if decoder is not None:
-        model.update({k: to_numpy(v) for k, v in decoder.items()})
-    return {"model": model, "__author__": "DeCon", "matching_heuristics": True}
-
-
-def export_mmseg(encoder, decoder, info):
-    """{file label: {"state_dict": state dict}}. The per-module files are for that module's
-    `init_cfg=dict(type='Pretrained')`, so they carry no prefix; `full` is the segmentor's, for `load_from`."""
-    files, full = {}, {}
-    if encoder is not None:
-        files["backbone"] = {k: v.contiguous() for k, v in encoder.items()}  # mmseg ResNet = torchvision names
-        full.update({f"backbone.{k}": v for k, v in files["backbone"].items()})
-    if decoder is not None and info["decoder"] == "fcn":
-        files["decode_head"] = {k: v.contiguous() for k, v in decoder.items()}  # already FCNHead names
-        full.update({f"decode_head.{k}": v for k, v in files["decode_head"].items()})
-    elif decoder is not None:
-        files["neck"] = {mmseg_neck_key(k): v.contiguous() for k, v in decoder.items()}
-        full.update({f"neck.{k}": v for k, v in files["neck"].items()})
-    files["full"] = full
-    return {label: {"state_dict": sd} for label, sd in files.items()}  # mmengine's checkpoint layout
-
-
-def export_torchvision(encoder, decoder=None, fold_bn=False):
-    """The keys of the torchvision module the weights load into: a ResNet for the encoder alone; the detection
-    backbone (`body.` + the ResNet's keys, `fpn.` + FeaturePyramidNetwork's) for the encoder and the FPN; the
-    FeaturePyramidNetwork's for the FPN alone. `fold_bn`: the FPN without norm layers (fold_fpn_bn)."""
-    if decoder is None:
-        return {k: v.contiguous() for k, v in encoder.items()}
-    fpn = fold_fpn_bn(decoder) if fold_bn else {torchvision_fpn_key(k): v.contiguous() for k, v in decoder.items()}
-    if encoder is None:
-        return fpn
-    return {**{f"body.{k}": v.contiguous() for k, v in encoder.items()}, **{f"fpn.{k}": v for k, v in fpn.items()}}
-
-
-def fold_fpn_bn(decoder, eps=1e-5):
-    """Our FPN (bias-free convs, each followed by BatchNorm with eps 1e-5) -> torchvision's FPN without norm layers
-    (`inner_blocks.{s-2}.0` / `layer_blocks.{s-2}.0`, weight and bias), the same function in eval mode: per output
-    channel, scale = gamma / sqrt(running_var + eps), W' = W * scale, b' = beta - running_mean * scale."""
-    out = {}
-    for name in sorted({k.split(".")[0] for k in decoder}):
-        bn = {p: decoder[f"{name}.norm.{p}"].double() for p in ("weight", "bias", "running_mean", "running_var")}
-        scale = bn["weight"] / torch.sqrt(bn["running_var"] + eps)
-        key = torchvision_fpn_key(f"{name}.weight")  # e.g. inner_blocks.0.0.weight
-        out[key] = (decoder[f"{name}.weight"].double() * scale[:, None, None, None]).float().contiguous()
-        out[key[:-len("weight")] + "bias"] = (bn["bias"] - bn["running_mean"] * scale).float()
-    return out
-
+# ---------------------------------------------------------------- what the user runs downstream
 
 def torchvision_usage(path, info, encoder, decoder, fold_bn):
     """The Python line that loads the torchvision export."""

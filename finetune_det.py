@@ -25,11 +25,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import utils
-from data import (DetectionTrainTransform, IterationSampler, SeededAugment, Transformed, build_detection_dataset,
-                  check_dataset, collate_lists, fraction_indices, seed_worker)
-from eval import as_percent, detect, detection_scores, detection_table
-from finetune_seg import add_run_flags, load_into, pretrained_for, start
-from models import build_detector, torchvision_fpn_key
+from data import SeededAugment, seed_worker
+from det_data import DetectionTrainTransform, build_detection_dataset, collate_lists
+from detection import build_detector, detect, detection_scores, detection_table
+from seg_data import IterationSampler, Transformed, check_dataset, fraction_indices
+from weights import pretrained_for, transfer_detector
 
 # Each dataset's recipe. VOC: MoCo's detection/configs/pascal_voc_R_50_C4_24k_moco.yaml (trainval 07+12, test2007,
 # 24k iterations, steps 18k / 22k, warm-up 100, short side 480..800 step 32, test 800; Faster R-CNN). COCO:
@@ -50,7 +50,6 @@ DATASET_DEFAULTS = {
                  roi_batch_size=512, test_proposals=1000, eval_every=0),
 }
 EVAL_SPLIT = {"synthetic": "test", "voc": "test", "coco": "val"}  # VOC test2007, COCO val2017, as the paper
-FPN_MODULES = [f"fpn_{kind}{s}" for kind in ("lateral", "output") for s in (2, 3, 4, 5)]
 
 
 def get_args_parser():
@@ -94,7 +93,7 @@ def get_args_parser():
       "scenes: 100)")
     a("--eval-every", type=int, default=None, help="evaluate every N iterations (0: only at the end); on val for "
       "the built-in scenes, on the reported split for voc and coco (no selection: the last checkpoint is reported)")
-    add_run_flags(a, "output/det")
+    utils.add_finetune_flags(a, "output/det")
     return p
 
 
@@ -165,33 +164,6 @@ def derived_schedule(args, typed, defaults):
         print(f"note: --iters {args.iters}: {', '.join(notes)} (the recipe's would not fit)", flush=True)
 
 
-# ---------------------------------------------------------------- pre-trained weights
-
-def transfer(model, pretrained, mode="encoder"):
-    """Copy pre-trained tensors into a torchvision detector: the encoder into backbone.body always; with mode
-    'encoder+decoder' our FPN into backbone.fpn, renamed (models.torchvision_fpn_key). The RPN and the box and mask
-    heads always start from scratch. Returns log lines saying what was loaded and what stays random."""
-    body = model.backbone.body
-    missing = load_into(body, pretrained["encoder"], f"encoder weights for {model.arch}")
-    if missing:
-        raise ValueError(f"encoder weights for {model.arch}: missing {', '.join(missing[:3])}")
-    notes = [f"encoder -> backbone.body: {len(pretrained['encoder'])} pre-trained tensors"]
-    heads = "RPN, box head" + (", mask head" if model.kind == "mask" else "")
-    kind = pretrained["decoder_kind"]
-    if mode == "encoder":
-        return notes + [f"random init: FPN (--transfer encoder), {heads}"]
-    if kind != "fpn":
-        return notes + [f"random init: FPN (the pre-trained decoder is an {kind.upper()}, which has no counterpart "
-                        f"in the detector), {heads}"]
-    load_into(model.backbone.fpn, {torchvision_fpn_key(k): v for k, v in pretrained["decoder"].items()},
-              "FPN decoder weights")
-    loaded = sorted({k.split(".")[0] for k in pretrained["decoder"]}, key=FPN_MODULES.index)
-    fresh = [m for m in FPN_MODULES if m not in loaded]
-    notes.append(f"FPN -> backbone.fpn: {len(pretrained['decoder'])} pre-trained tensors ({', '.join(loaded)})")
-    why = " (pre-trained without deep supervision: only fpn_output2 exists)" if fresh else ""
-    return notes + [f"random init: {', '.join(fresh + [heads])}{why}"]
-
-
 # ---------------------------------------------------------------- optimization
 
 def warmup_multistep_schedule(base_lr, iters, steps, warmup_iters, warmup_factor=0.001, gamma=0.1):
@@ -220,7 +192,7 @@ def build_model(args, pretrained, num_classes, device):
                            args.test_proposals)
     name = {"faster": "Faster R-CNN", "mask": "Mask R-CNN"}[args.model]
     notes = [f"model: {name} v2, {args.arch} + FPN (BatchNorm), {num_classes - 1} classes"]
-    notes += transfer(model, pretrained, args.transfer) if pretrained else ["random init (no --pretrained)"]
+    notes += transfer_detector(model, pretrained, args.transfer) if pretrained else ["random init (no --pretrained)"]
     model = model.to(device)
     if device.type == "cuda" and utils.world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBN everywhere, as the paper's configs
@@ -229,7 +201,7 @@ def build_model(args, pretrained, num_classes, device):
 
 def scores_as_percent(scores):
     """detection_scores' fractions -> percent, NaN -> None (JSON has no NaN)."""
-    return {kind: {k: as_percent(v) for k, v in s.items()} for kind, s in scores.items()}
+    return {kind: {k: utils.as_percent(v) for k, v in s.items()} for kind, s in scores.items()}
 
 
 def finetune(args, seed, datasets, pretrained, device, log):
@@ -335,7 +307,7 @@ def prepare(args):
 
 
 def main(args):
-    device, pretrained, datasets, command, log = start(args, prepare)
+    device, pretrained, datasets, command, log = utils.start_finetune(args, prepare)
 
     records = [finetune(args, seed, datasets, pretrained, device, log) for seed in args.seeds]
     results = {"command": command, "task": "detection", **summarize(records), "units": "percent",

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 
 import numpy as np
@@ -28,11 +27,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
-from data import (DATASETS, IGNORE_INDEX, TEST_IS_VAL, DataError, EvalTransform, IterationSampler, SeededAugment,
-                  TrainTransform, Transformed, build_dataset, check_dataset, folder_classes, fraction_indices,
-                  seed_worker)
-from eval import as_percent, eval_geometry, evaluate, region_scores, score_table
-from models import Segmenter, load_pretrained
+from data import DataError, SeededAugment, seed_worker
+from seg_data import (DATASETS, IGNORE_INDEX, TEST_IS_VAL, EvalTransform, IterationSampler, TrainTransform, Transformed,
+                      build_dataset, check_dataset, folder_classes, fraction_indices)
+from eval import eval_geometry, evaluate, region_scores, score_table
+from models import Segmenter
+from weights import pretrained_for, transfer_segmenter
 
 # Each dataset's fine-tuning recipe: VOC and Cityscapes from SlotCon's mmseg configs
 # fcn_d6_r50-d16_513x513_30k_voc12aug_moco.py and fcn_d6_r50-d16_769x769_90k_cityscapes_moco.py (schedule_30k_moco.py,
@@ -96,29 +96,8 @@ def get_args_parser():
       "on val (ISIC: best; REFUGE, VOC, Cityscapes: last)")
     a("--mode", choices=["whole", "slide"], default=None, help="test-time inference (Cityscapes: slide)")
     a("--stride", type=int, default=None, help="slide-inference stride (default: the dataset's, or 2/3 crop)")
-    add_run_flags(a, "output/seg")
+    utils.add_finetune_flags(a, "output/seg")
     return p
-
-
-def add_run_flags(a, output_dir):
-    """The flags of a fine-tuning run's machinery, the same in finetune_seg.py and finetune_det.py."""
-    a("--arch", choices=["resnet18", "resnet34", "resnet50"], default=None,
-      help="encoder (default: the pre-trained checkpoint's, else resnet50)")
-    a("--branch", choices=["teacher", "student"], default=None, help="branch of a last.pt (default: teacher for "
-      "SlotCon, student for DenseCL, as the authors export)")
-    a("--seed", type=int, default=0, help="seed of the subset, the initialization and the augmentations")
-    a("--seeds", type=int, nargs="+", default=None, help="one fine-tune per seed; report mean and std "
-      "(overrides --seed; the paper averages 3)")
-    a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (default bf16 on CUDA and on "
-      "CPUs with bf16 instructions, else fp32)")
-    a("--workers", type=int, default=None, help="data-loading processes per GPU (0 = in-process; default "
-      "min(8, cores))")
-    a("--output-dir", default=output_dir, help="results.json, log.jsonl and seedN.pt go here")
-    a("--overwrite", action="store_true", help="replace the results of an earlier run in --output-dir")
-    a("--allow-finetuned", action="store_true", help="accept a fine-tuned seedN.pt as --pretrained (its weights "
-      "have seen labels, which a label-fraction experiment must not)")
-    a("--log-every", type=int, default=20, help="write the training losses to log.jsonl every N iterations")
-    a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
 
 
 def finalize_args(args, parser):
@@ -191,149 +170,6 @@ def finalize_args(args, parser):
     return args
 
 
-# ---------------------------------------------------------------- pre-trained weights
-
-ENCODER_KEY = re.compile(r"(conv1|bn1|layer[1-4])\.")
-# the FPN names of convert.py's exports: mmseg's neck (lateral_convs.{s-2}.conv / .bn, fpn_convs...) and
-# torchvision's FeaturePyramidNetwork (inner_blocks.{s-2}.0 / .1, layer_blocks...)
-EXPORTED_FPN_KEY = re.compile(r"(lateral_convs|fpn_convs|inner_blocks|layer_blocks)\.([0-3])\.(conv|bn|0|1)\.(\w+)")
-
-
-def fpn_key(match):
-    """An exported FPN key -> our Detectron2 name: lateral_convs.{s-2}.conv.weight (inner_blocks.{s-2}.0.weight)
-    -> fpn_lateral{s}.weight, fpn_convs.{s-2}.bn.X (layer_blocks.{s-2}.1.X) -> fpn_output{s}.norm.X."""
-    module, index, layer, param = match.groups()
-    name = f"fpn_{'lateral' if module in ('lateral_convs', 'inner_blocks') else 'output'}{int(index) + 2}"
-    return f"{name}.{param}" if layer in ("conv", "0") else f"{name}.norm.{param}"
-
-
-def split_state_dict(sd):
-    """{name: tensor} -> (encoder, fcn, fpn, ignored names). Strips `module.`, the mmseg prefixes `backbone.`,
-    `decode_head.`, `neck.` and torchvision's detection-backbone prefixes `body.`, `fpn.`, then sorts by name:
-    torchvision ResNet (`conv1`, `bn1`, `layer*`), FCN body (`convs.*`), FPN (`fpn_lateral*`, `fpn_output*`, or the
-    exported mmseg / torchvision names). `fc.*`, `conv_seg.*` and the like are ignored: no classifier is
-    transferred."""
-    encoder, fcn, fpn, ignored = {}, {}, {}, []
-    for name, tensor in sd.items():
-        key = name[len("module."):] if name.startswith("module.") else name
-        key = re.sub(r"^(backbone|decode_head|neck|body|fpn)\.", "", key)
-        neck = EXPORTED_FPN_KEY.fullmatch(key)
-        key = fpn_key(neck) if neck else key
-        if ENCODER_KEY.match(key):
-            encoder[key] = tensor
-        elif key.startswith("convs."):
-            fcn[key] = tensor
-        elif key.startswith(("fpn_lateral", "fpn_output")):
-            fpn[key] = tensor
-        else:
-            ignored.append(name)
-    return encoder, fcn, fpn, ignored
-
-
-def infer_arch(encoder):
-    """The torchvision ResNet a state dict belongs to, from its block names (None if it holds no encoder)."""
-    if "conv1.weight" not in encoder:
-        return None
-    if "layer1.0.conv3.weight" in encoder:
-        if "layer3.6.conv1.weight" in encoder:
-            raise ValueError("the encoder is deeper than ResNet-50, which is not supported")
-        return "resnet50"
-    return "resnet34" if "layer3.5.conv1.weight" in encoder else "resnet18"
-
-
-def read_weights(path, branch=None, allow_finetuned=False):
-    """One --pretrained file -> (encoder or None, decoder or None, decoder kind or None, arch, log line)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: peek without a full read
-    except Exception as e:
-        raise ValueError(f"--pretrained {path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}; "
-                         "Detectron2 .pkl files are not supported)") from None
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and "num_classes" in ckpt["args"] \
-            and not allow_finetuned:
-        raise ValueError(f"--pretrained {path}: a fine-tuned checkpoint (trained with the labels of "
-                         f"--dataset {ckpt['args'].get('dataset')}), not pre-trained weights; pass "
-                         "--allow-finetuned to start from it anyway")
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and "framework" in ckpt["args"]:
-        encoder, decoder, info = load_pretrained(path, branch)
-        who = "the authors' choice for" if branch is None else "chosen by --branch, of"
-        kind = info["decoder"] if decoder else None
-        ds = f", deep supervision {'on' if info['deep_supervision'] else 'off'}" if kind == "fpn" else ""
-        note = (f"{path}: {info['branch']} branch ({who} {info['framework']}) of a {info['arch']} pre-training with "
-                f"decoder {info['decoder']}{ds}, step {info['step']}")
-        return encoder or None, decoder, kind, info["arch"], note
-    if branch is not None:
-        raise ValueError(f"--branch {branch}: {path} is not a pretrain.py checkpoint (converted files hold one "
-                         "branch already)")
-    sd = ckpt.get("state_dict", ckpt.get("model", ckpt)) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"--pretrained {path}: neither a pretrain.py checkpoint nor a state dict of tensors")
-    encoder, fcn, fpn, ignored = split_state_dict(sd)
-    if fcn and fpn:
-        raise ValueError(f"--pretrained {path}: holds both FCN (convs.*) and FPN (fpn_*) weights")
-    if not (encoder or fcn or fpn):
-        raise ValueError(f"--pretrained {path}: no ResNet, FCN or FPN weights among its keys "
-                         f"(e.g. {', '.join(list(sd)[:3])})")
-    kind = "fcn" if fcn else "fpn" if fpn else None
-    parts = [f"{len(encoder)} encoder"] * bool(encoder) + [f"{len(fcn or fpn)} {kind} decoder"] * bool(kind)
-    note = f"{path}: converted weights, {' + '.join(parts)} tensors"
-    if ignored:
-        note += f"; ignored {len(ignored)} ({', '.join(ignored[:3])}{', ...' if len(ignored) > 3 else ''})"
-    return encoder or None, fcn or fpn or None, kind, infer_arch(encoder), note
-
-
-def read_pretrained(paths, branch=None, allow_finetuned=False):
-    """Every --pretrained file merged -> {"encoder", "decoder", "decoder_kind", "arch", "notes"}: a last.pt gives
-    both parts of one branch, converted files what they hold (a backbone file and a head file can be combined)."""
-    out = {"encoder": None, "decoder": None, "decoder_kind": None, "arch": None, "notes": []}
-    for path in paths:
-        encoder, decoder, kind, arch, note = read_weights(path, branch, allow_finetuned)
-        for part, value in (("encoder", encoder), ("decoder", decoder)):
-            if value is not None and out[part] is not None:
-                raise ValueError(f"--pretrained: two files hold {part} weights ({path} is the second)")
-            if value is not None:
-                out[part] = value
-        out["decoder_kind"] = out["decoder_kind"] or kind
-        out["arch"] = out["arch"] or arch
-        out["notes"].append(note)
-    if out["encoder"] is None:
-        raise ValueError(f"--pretrained {' '.join(paths)}: no encoder weights (add the backbone file)")
-    return out
-
-
-def load_into(module, state, what):
-    """load_state_dict(strict=False) that turns a shape mismatch into a one-line ValueError; returns the missing
-    keys (BatchNorm's num_batches_tracked aside) after checking that nothing unexpected came along."""
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"{what}: tensor shapes do not fit ({str(e).splitlines()[-1].strip()})") from None
-    if unexpected:
-        raise ValueError(f"{what}: unexpected tensors {', '.join(unexpected[:3])}")
-    return [k for k in missing if not k.endswith("num_batches_tracked")]
-
-
-def transfer(model, pretrained, mode="encoder"):
-    """Copy pre-trained tensors into a Segmenter: the encoder always; with mode 'encoder+decoder' the decoder too,
-    when its kind is the model's (heterogeneous decoders, Table 5, transfer the encoder only). The classifier
-    (and the FPN merge) always start from scratch. Returns log lines saying what was loaded and what was not."""
-    missing = load_into(model.backbone, pretrained["encoder"], f"encoder weights for {model.arch}")
-    if missing:
-        raise ValueError(f"encoder weights for {model.arch}: missing {', '.join(missing[:3])}")
-    notes = [f"encoder: {len(pretrained['encoder'])} pre-trained tensors"]
-    kind = pretrained["decoder_kind"]
-    if mode == "encoder":
-        return notes + ["decoder: random init (--transfer encoder)"]
-    if kind != model.decoder:
-        return notes + [f"decoder: random init; heterogeneous decoders (pre-trained {kind}, fine-tuned "
-                        f"{model.decoder}) transfer the encoder only"]
-    missing = load_into(model.decode_head, pretrained["decoder"], f"{kind} decoder weights")
-    fresh = sorted({k.split(".")[0] for k in missing})  # module names: conv_seg, scale_heads, fpn_output3, ...
-    note = f"decoder: {len(pretrained['decoder'])} pre-trained tensors; random init: {', '.join(fresh)}"
-    if any(name.startswith("fpn_output") for name in fresh):
-        note += " (FPN pre-trained without deep supervision: only fpn_output2 exists)"
-    return notes + [note]
-
-
 # ---------------------------------------------------------------- optimization
 
 def poly_schedule(base_lr, iters, power=0.9, min_lr=1e-4):
@@ -367,7 +203,7 @@ def build_model(args, pretrained, device):
     notes = [f"model: {args.arch} + {args.decoder.upper()} head, {args.num_classes} classes, encoder output "
              f"stride {model.output_stride}" + (" (torchvision's BasicBlock cannot dilate c5)"
                                                 if args.decoder == "fcn" and model.output_stride == 32 else "")]
-    notes += transfer(model, pretrained, args.transfer) if pretrained else ["random init (no --pretrained)"]
+    notes += transfer_segmenter(model, pretrained, args.transfer) if pretrained else ["random init (no --pretrained)"]
     model = model.to(device)
     if device.type == "cuda" and utils.world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg's configs use SyncBN
@@ -426,7 +262,7 @@ def finetune(args, seed, datasets, pretrained, device, log):
         if args.eval_every and (it % args.eval_every == 0 or it == args.iters):
             scores = evaluate(model, datasets["val"], *geometry, device, args.workers, ctx)
             last_val = scores["miou"]
-            log({"seed": seed, "iter": it, "val_miou": as_percent(last_val)})
+            log({"seed": seed, "iter": it, "val_miou": utils.as_percent(last_val)})
             if utils.is_main():
                 bar.write(f"[seed {seed}] iter {it}: val mIoU {100 * scores['miou']:.2f}")
             if args.select == "best" and scores["miou"] > best["miou"]:
@@ -445,10 +281,10 @@ def finetune(args, seed, datasets, pretrained, device, log):
         print(score_table(scores, datasets["train"].classes, regions), flush=True)
         utils.save_checkpoint(path, {"model": {k: v.contiguous() for k, v in model.state_dict().items()},
                                "args": vars(args), "seed": seed, "iter": selected_iter, "select": args.select,
-                               "test_miou": as_percent(scores["miou"])})
-    return {"seed": seed, "miou": as_percent(scores["miou"]), "pixel_acc": as_percent(scores["pixel_acc"]),
-            "iou_per_class": dict(zip(datasets["train"].classes, as_percent(scores["iou"]))), "regions": regions,
-            "val_miou": as_percent(best["miou"] if args.select == "best" else last_val), "iter": selected_iter,
+                               "test_miou": utils.as_percent(scores["miou"])})
+    return {"seed": seed, "miou": utils.as_percent(scores["miou"]), "pixel_acc": utils.as_percent(scores["pixel_acc"]),
+            "iou_per_class": dict(zip(datasets["train"].classes, utils.as_percent(scores["iou"]))), "regions": regions,
+            "val_miou": utils.as_percent(best["miou"] if args.select == "best" else last_val), "iter": selected_iter,
             "train_images": len(indices), "checkpoint": path, "transfer": notes}
 
 
@@ -468,20 +304,6 @@ def summarize(records, classes):
 
 
 # ---------------------------------------------------------------- main
-
-def pretrained_for(args):
-    """The --pretrained weights merged (or None), checked against --arch and --transfer; sets --arch to the
-    encoder's when it is not given (else resnet50)."""
-    pretrained = read_pretrained(args.pretrained, args.branch, args.allow_finetuned) if args.pretrained else None
-    if pretrained:
-        if args.arch and pretrained["arch"] and args.arch != pretrained["arch"]:
-            raise ValueError(f"--arch {args.arch}: --pretrained holds a {pretrained['arch']} encoder")
-        if args.transfer == "encoder+decoder" and pretrained["decoder"] is None:
-            raise ValueError(f"--transfer encoder+decoder: {' '.join(args.pretrained)} has no decoder weights; "
-                             "use --transfer encoder")
-    args.arch = args.arch or (pretrained or {}).get("arch") or "resnet50"
-    return pretrained
-
 
 def prepare(args):
     """Everything that can fail on bad input, before training: the pre-trained weights, the --arch they imply,
@@ -509,27 +331,8 @@ def prepare(args):
                         "val": Transformed(data["val"], evaluation) if "val" in data else None}
 
 
-def start(args, prepare):
-    """The beginning of a fine-tuning run (finetune_seg.py, finetune_det.py): processes, every input checked by
-    `prepare` (one line on a problem), the output folder, the pre-trained files' notes, the log.
-    Returns (device, pretrained, datasets, command line, log)."""
-    device = utils.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.batch_size % utils.world_size():
-        utils.fail(f"--batch-size {args.batch_size} is not divisible by the {utils.world_size()} processes")
-    try:
-        pretrained, datasets = prepare(args)
-    except ValueError as e:  # data.DataError included
-        raise SystemExit(f"error: {e}") from None
-    utils.lock_output_dir(args.output_dir)  # one job per folder, until this process ends
-    if utils.is_main():
-        for note in (pretrained or {}).get("notes", []):
-            print(note, flush=True)
-    log = utils.JsonLines(os.path.join(args.output_dir, "log.jsonl"))
-    return device, pretrained, datasets, utils.command_line(), log
-
-
 def main(args):
-    device, pretrained, datasets, command, log = start(args, prepare)
+    device, pretrained, datasets, command, log = utils.start_finetune(args, prepare)
 
     records = [finetune(args, seed, datasets, pretrained, device, log) for seed in args.seeds]
     classes = datasets["train"].classes

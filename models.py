@@ -8,15 +8,15 @@ Every variant is one code path: a list of supervised levels ("c5" for the encode
 decoder), one framework head per level in each branch, one objective per level, and Eq. 1-3 to combine them.
 """
 import copy
-import re
 from functools import partial
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from data import DenseCLTwoView, SlotConTwoView
 from losses import decon_loss, deep_supervision_loss, densecl_loss, slotcon_loss
 from utils import all_gather, all_reduce_mean
 
@@ -284,6 +284,40 @@ class DenseCLObjective(nn.Module):
         self.queue_ptr.copy_((self.queue_ptr + len(keys)) % self.queue.shape[1])
 
 
+# ---------------------------------------------------------------- the two frameworks
+
+class Framework(NamedTuple):
+    """What differs between SlotCon and DenseCL. Every place that depends on the framework reads it here."""
+    name: str                 # as the paper writes it
+    two_view: type            # data.py's augmentation: PIL image -> (views, coords, flags)
+    head: Callable            # head(input width, prototypes, hyper-parameters) -> one level's projection head
+    objective: Callable       # objective(prototypes, hyper-parameters) -> one level's loss and its state
+    views: tuple              # (student views, teacher views) of each branch: both views each for SlotCon
+    zero_init_residual: bool  # the framework's own ResNet initialization
+    export_branch: str        # the branch the authors transfer downstream
+    picture: str              # visualize.py: "prototypes" (argmax, one colour each) or "pca" (dense projections)
+    recipe: dict              # pretrain.py's defaults: paper Sec. 3.3, SlotCon's COCO script, DenseCL's COCO config
+
+
+FRAMEWORKS = {
+    "slotcon": Framework(
+        "SlotCon", SlotConTwoView,
+        head=lambda width, k, h: SlotConHead(width, h["dim_hidden"], h["dim_out"], k, h["teacher_temp"]),
+        objective=lambda k, h: SlotConObjective(k, h["dim_out"], h["dim_hidden"], h["group_weight"],
+                                                h["student_temp"], h["teacher_temp"], h["tau"], h["center_momentum"]),
+        views=SlotConObjective.views, zero_init_residual=True, export_branch="teacher", picture="prototypes",
+        recipe=dict(batch_size=512, optimizer="lars", base_lr=1.0, weight_decay=1e-5, warmup_epochs=5, final_lr=1e-6,
+                    teacher_momentum=0.99, momentum_schedule="cosine", dim_hidden=4096, dim_out=256, min_scale=0.08)),
+    "densecl": Framework(
+        "DenseCL", DenseCLTwoView,
+        head=lambda width, k, h: DenseCLHead(width, h["dim_hidden"], h["dim_out"]),
+        objective=lambda k, h: DenseCLObjective(h["dim_out"], h["queue_size"], h["densecl_lambda"], h["tau"]),
+        views=DenseCLObjective.views, zero_init_residual=False, export_branch="student", picture="pca",
+        recipe=dict(batch_size=256, optimizer="sgd", base_lr=0.3, weight_decay=1e-4, warmup_epochs=0, final_lr=0.0,
+                    teacher_momentum=0.999, momentum_schedule="constant", dim_hidden=2048, dim_out=128, min_scale=0.2)),
+}
+
+
 def decoder_levels(decoder, deep_supervision):
     return {"none": [], "fcn": ["fcn"], "fpn": ["p2", "p3", "p4", "p5"] if deep_supervision else ["p2"]}[decoder]
 
@@ -303,37 +337,28 @@ class DeCon(nn.Module):
                  queue_size=16384, group_weight=0.5, student_temp=0.1, teacher_temp=0.07, center_momentum=0.9,
                  densecl_lambda=0.5, tau=0.2):
         super().__init__()
-        if framework not in ("slotcon", "densecl"):
-            raise ValueError(f"unknown framework {framework!r}")
+        if framework not in FRAMEWORKS:
+            raise ValueError(f"unknown framework {framework!r}; choose from {', '.join(FRAMEWORKS)}")
+        fw = FRAMEWORKS[framework]
         self.framework, self.alpha = framework, alpha
         self.dec_levels = decoder_levels(decoder, deep_supervision)
         self.levels = (["c5"] if alpha > 0 else []) + self.dec_levels
-        encoder = Backbone(arch, zero_init_residual=framework == "slotcon")  # each framework's own ResNet init
+        encoder = Backbone(arch, zero_init_residual=fw.zero_init_residual)  # each framework's own ResNet init
         c = encoder.channels
         dec = {"none": lambda: None, "fcn": lambda: FCNDecoder(c[3]),
                "fpn": lambda: FPNDecoder(c, 256, deep_supervision, dropout)}[decoder]()
         width = {lvl: c[3] if lvl == "c5" else 256 for lvl in self.levels}  # input width of each level's head
         prototypes = {lvl: num_prototypes if lvl == "c5" else (num_prototypes_dec or num_prototypes)
                       for lvl in self.levels}
-
-        if framework == "slotcon":
-            heads = {lvl: SlotConHead(width[lvl], dim_hidden, dim_out, prototypes[lvl], teacher_temp)
-                     for lvl in self.levels}
-        else:
-            heads = {lvl: DenseCLHead(width[lvl], dim_hidden, dim_out) for lvl in self.levels}
-        self.student = Branch(encoder, dec, heads)
+        h = dict(dim_hidden=dim_hidden, dim_out=dim_out, queue_size=queue_size, group_weight=group_weight,
+                 student_temp=student_temp, teacher_temp=teacher_temp, center_momentum=center_momentum,
+                 densecl_lambda=densecl_lambda, tau=tau)
+        self.student = Branch(encoder, dec, {lvl: fw.head(width[lvl], prototypes[lvl], h) for lvl in self.levels})
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         if dropout > 0:
             self.teacher.decoder.skip_dropout = nn.Identity()  # skip dropout is a student-only regularizer
-        if framework == "slotcon":
-            objective = lambda lvl: SlotConObjective(prototypes[lvl], dim_out, dim_hidden, group_weight, student_temp,
-                                                     teacher_temp, tau, center_momentum)
-        else:
-            objective = lambda lvl: DenseCLObjective(dim_out, queue_size, densecl_lambda, tau)
-        self.objectives = nn.ModuleDict({lvl: objective(lvl) for lvl in self.levels})
-        kind = SlotConObjective if framework == "slotcon" else DenseCLObjective
-        self.student_views, self.teacher_views = kind.views
-        self.register_load_state_dict_pre_hook(rename_flat_state)
+        self.objectives = nn.ModuleDict({lvl: fw.objective(prototypes[lvl], h) for lvl in self.levels})
+        self.student_views, self.teacher_views = fw.views
 
     @torch.no_grad()
     def update_teacher(self, momentum):
@@ -357,19 +382,6 @@ class DeCon(nn.Module):
         loss = decon_loss(l_enc, l_dec, self.alpha)  # Eq. 1 / Eq. 2
         logs = {"loss": loss, "loss_enc": l_enc, "loss_dec": l_dec, **{f"loss_{lvl}": losses[lvl] for lvl in losses}}
         return loss, {k: v.detach() for k, v in logs.items() if v is not None}
-
-
-FLAT_STATE = re.compile(r"predictors\.(\w+)\.(.+)|(center|queue_ptr|queue2|queue)_(\w+)")
-
-
-def rename_flat_state(module, state_dict, prefix, *args):
-    """Load last.pt files that keep the per-level state on DeCon itself (`predictors.LVL.*`, `center_LVL`,
-    `queue_LVL`, `queue2_LVL`, `queue_ptr_LVL`) into the objectives (`objectives.LVL.predictor.*`, ...)."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        m = FLAT_STATE.fullmatch(key[len(prefix):])
-        if m:
-            lvl, rest = (m[1], f"predictor.{m[2]}") if m[1] else (m[4], m[3])
-            state_dict[f"{prefix}objectives.{lvl}.{rest}"] = state_dict.pop(key)
 
 
 # ---------------------------------------------------------------- downstream segmentation network
@@ -461,84 +473,3 @@ def parameter_table(model):
         "dec_aux": aux(model.dec_levels),
         "full": count_parameters(model),
     }
-
-
-def load_pretrained(path, branch=None):
-    """Read a pretrain.py checkpoint (weights_only). Returns (encoder state dict, decoder state dict or None,
-    info) with torchvision / mmseg / Detectron2 names and no prefixes. `branch` defaults to what the authors
-    export: the teacher (EMA) for SlotCon, the student for DenseCL."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: skip the optimizer
-    except Exception as e:
-        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__})") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("args"), dict)
-            and "framework" in ckpt["args"]):
-        raise ValueError(f"{path}: not a DeCon pretrain.py checkpoint (expected a dict with 'model' and 'args')")
-    args = ckpt["args"]
-    branch = branch or ("teacher" if args["framework"] == "slotcon" else "student")
-    if branch not in ("teacher", "student"):
-        raise ValueError(f"branch must be 'teacher' or 'student', got {branch!r}")
-    part = lambda prefix: {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-    encoder, decoder = part(f"{branch}.encoder."), part(f"{branch}.decoder.")
-    info = {k: args.get(k) for k in ("framework", "arch", "decoder", "deep_supervision", "alpha", "dropout")}
-    info.update(branch=branch, step=ckpt.get("step"))
-    return encoder, (decoder or None), info
-
-
-# ---------------------------------------------------------------- downstream detection network
-# (finetune_det.py, eval.py, convert.py)
-
-def torchvision_fpn_key(name):
-    """Our FPN key (Detectron2's) -> the key of torchvision's FeaturePyramidNetwork built with norm_layer, levels
-    numbered from c2: fpn_lateral{s}.weight -> inner_blocks.{s-2}.0.weight, fpn_lateral{s}.norm.X ->
-    inner_blocks.{s-2}.1.X, and fpn_output{s} -> layer_blocks.{s-2}.{0,1} alike. The two networks compute the same
-    p2..p5 (1x1 lateral conv + BN, nearest top-down upsampling and sum, 3x3 output conv + BN) on inputs whose sides
-    are multiples of 32, which the detector pads its images to; torchvision adds the parameter-free p6 (max-pool)."""
-    m = re.fullmatch(r"fpn_(lateral|output)([2-5])\.(weight|norm\.\w+)", name)
-    if m is None:
-        raise ValueError(f"unexpected FPN decoder key {name!r}")
-    kind, level, rest = m.groups()
-    block = "inner_blocks" if kind == "lateral" else "layer_blocks"
-    return f"{block}.{int(level) - 2}." + ("0.weight" if rest == "weight" else "1." + rest[len("norm."):])
-
-
-def build_detector(arch="resnet50", num_classes=81, kind="mask", test_size=800, max_size=1333, roi_batch_size=512,
-                   test_proposals=1000):
-    """torchvision's Faster R-CNN (kind 'faster') or Mask R-CNN ('mask') v2 around a ResNet-18/34/50: the body is a
-    torchvision ResNet with BatchNorm (all stages trained), the FPN takes that arch's c2..c5 widths with BatchNorm
-    (the layout of fasterrcnn_resnet50_fpn_v2 / maskrcnn_resnet50_fpn_v2, so `backbone.fpn` holds our FPNDecoder),
-    then the v2 heads: RPN with 2 convs, the 4conv1fc box head with BatchNorm, the 4-conv mask head with BatchNorm.
-    The v2 builders give the same keys and shapes for ResNet-50. num_classes counts the background (label 0).
-    images: a list of (3, h, w) floats in [0, 1]; the detector normalizes them (ImageNet mean and std), pads them to
-    multiples of 32, and at test time resizes them to `test_size` (short side, long side at most `max_size`) and
-    maps its boxes and masks back. Training images come resized by the data pipeline (DetectionTrainTransform,
-    seeded per sample): `_skip_resize` is torchvision's own switch for that, used by its detection references.
-    roi_batch_size: RoIs sampled per image for the box head in training (Detectron2 and torchvision: 512);
-    test_proposals: RPN proposals per image at test time (1000)."""
-    if arch not in ARCH_CHANNELS:
-        raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCH_CHANNELS)}")
-    if kind not in ("faster", "mask"):
-        raise ValueError(f"unknown detector {kind!r}; choose faster or mask")
-    tvd = torchvision.models.detection
-    body = getattr(torchvision.models, arch)(weights=None)
-    backbone = tvd.backbone_utils.BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
-                                                  list(ARCH_CHANNELS[arch]), 256, norm_layer=nn.BatchNorm2d)
-    anchors = tvd.anchor_utils.AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
-    heads = dict(rpn_anchor_generator=anchors, rpn_head=tvd.rpn.RPNHead(256, 3, conv_depth=2),
-                 box_head=tvd.faster_rcnn.FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d))
-    if kind == "mask":
-        heads["mask_head"] = tvd.mask_rcnn.MaskRCNNHeads(256, [256] * 4, 1, norm_layer=nn.BatchNorm2d)
-    detector = (tvd.MaskRCNN if kind == "mask" else tvd.FasterRCNN)(
-        backbone, num_classes, min_size=test_size, max_size=max_size, box_batch_size_per_image=roi_batch_size,
-        rpn_post_nms_top_n_test=test_proposals, _skip_resize=True, **heads)
-    # torchvision decodes boxes in the dtype of the predicted offsets: under bf16 autocast, coordinates near 800 px
-    # would be 4 px apart. The two box predictors hand on fp32 (the convs before them still run in bf16).
-    for predictor in (detector.rpn.head, detector.roi_heads.box_predictor):
-        predictor.register_forward_hook(float_outputs)
-    detector.arch, detector.kind, detector.num_classes = arch, kind, num_classes
-    return detector
-
-
-def float_outputs(module, inputs, outputs):
-    """Forward hook: a predictor's outputs (tensors, or lists of tensors per FPN level) as fp32."""
-    return [[t.float() for t in o] if isinstance(o, list) else o.float() for o in outputs]

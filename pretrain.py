@@ -22,17 +22,19 @@ from tqdm import tqdm
 import speed
 import utils
 from data import DataError, EpochSampler, data_fingerprint, pretraining_dataset, seed_worker
-from models import DeCon, decoder_levels
+from models import FRAMEWORKS, DeCon, decoder_levels
 
-# The two frameworks' own recipes (paper Sec. 3.3; SlotCon's COCO script; DenseCL's COCO config). A flag left
-# unset takes its framework's value.
-FRAMEWORK_DEFAULTS = {
-    "slotcon": dict(batch_size=512, optimizer="lars", base_lr=1.0, weight_decay=1e-5, warmup_epochs=5,
-                    final_lr=1e-6, teacher_momentum=0.99, momentum_schedule="cosine", dim_hidden=4096, dim_out=256,
-                    min_scale=0.08),
-    "densecl": dict(batch_size=256, optimizer="sgd", base_lr=0.3, weight_decay=1e-4, warmup_epochs=0,
-                    final_lr=0.0, teacher_momentum=0.999, momentum_schedule="constant", dim_hidden=2048, dim_out=128,
-                    min_scale=0.2),
+# The paper's variants (README, "The variants"): name -> pretrain.py flags. bench.py, reproduce.py and the tests
+# take them from here.
+VARIANTS = {
+    "slotcon": dict(framework="slotcon", decoder="none"),
+    "sl-fcn": dict(framework="slotcon", decoder="fcn", alpha=0.5),
+    "sl-fpn": dict(framework="slotcon", decoder="fpn", deep_supervision=False),
+    "ml-fpn": dict(framework="slotcon", decoder="fpn", alpha=0.0, dropout=0.5),
+    "densecl": dict(framework="densecl", decoder="none"),
+    "densecl-sl-fcn": dict(framework="densecl", decoder="fcn"),
+    "densecl-sl-fpn": dict(framework="densecl", decoder="fpn", deep_supervision=False),
+    "densecl-ml-fpn": dict(framework="densecl", decoder="fpn", dropout=0.5),
 }
 # flags that define the model's shapes: a --resume checkpoint must agree on them
 MODEL_FLAGS = ("framework", "decoder", "alpha", "dropout", "deep_supervision", "arch", "num_prototypes",
@@ -44,7 +46,7 @@ def get_args_parser():
                                                         "DeCon-ML) of SlotCon or DenseCL. Defaults are the paper's; "
                                                         "'None' means the framework's value.")
     g = p.add_argument_group("method (paper Sec. 3)").add_argument
-    g("--framework", choices=["slotcon", "densecl"], default="slotcon", help="SSL framework to adapt")
+    g("--framework", choices=list(FRAMEWORKS), default="slotcon", help="SSL framework to adapt")
     g("--decoder", choices=["none", "fcn", "fpn"], default="none", help="decoder pre-trained with the encoder "
       "(none = the encoder-only baseline)")
     g("--alpha", type=float, default=None, help="encoder loss weight in Eq. 1: alpha*L_enc + (1-alpha)*L_dec "
@@ -112,13 +114,14 @@ def get_args_parser():
 def finalize_args(args, parser):
     """Fill framework defaults and reject impossible settings with one line, before any work."""
     warmup_typed = args.warmup_epochs is not None
-    for k, v in FRAMEWORK_DEFAULTS[args.framework].items():
+    recipe = FRAMEWORKS[args.framework].recipe
+    for k, v in recipe.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     if not warmup_typed and args.warmup_epochs > args.epochs / 10:  # the recipe's 5 of 800 epochs fit any --epochs
         args.warmup_epochs = args.epochs / 10
         print(f"note: warm-up {args.warmup_epochs:g} epochs (a tenth of --epochs {args.epochs}; the "
-              f"{FRAMEWORK_DEFAULTS[args.framework]['warmup_epochs']}-epoch recipe would not fit)", flush=True)
+              f"{recipe['warmup_epochs']}-epoch recipe would not fit)", flush=True)
     has_dec = args.decoder != "none"
     args.alpha = (0.5 if has_dec else 1.0) if args.alpha is None else args.alpha
     args.deep_supervision = args.decoder == "fpn" if args.deep_supervision is None else args.deep_supervision
@@ -163,10 +166,19 @@ def finalize_args(args, parser):
     return args
 
 
+def variant_argv(name, **extra):
+    """VARIANTS[name] with `extra` flags (None: the flag's default) -> pretrain.py's command line."""
+    out = []
+    for k, v in {**VARIANTS[name], **extra}.items():
+        flag = "--" + k.replace("_", "-")
+        out += [] if v is None else [flag] if v is True else ["--no-" + flag[2:]] if v is False else [flag, str(v)]
+    return out
+
+
 def variant_name(args):
     """The variant as the paper names it, its levels and weights, e.g. "DeCon-ML-SlotCon-FPN: levels p2..p5, alpha 0,
     skip dropout 0.5"; and a warning (or None) when the paper ran no such combination."""
-    framework = {"slotcon": "SlotCon", "densecl": "DenseCL"}[args.framework]
+    framework = FRAMEWORKS[args.framework].name
     levels = (["c5"] if args.alpha > 0 else []) + decoder_levels(args.decoder, args.deep_supervision)
     levels = ", ".join(levels).replace("p2, p3, p4, p5", "p2..p5")
     if args.decoder == "none":
@@ -340,8 +352,8 @@ class Progress:
 def load_dataset(args, ckpt):
     """The pre-training set and its fingerprint; bad data is one line; a resume on other data warns."""
     try:
-        dataset = pretraining_dataset(args.framework, args.image_size, args.min_scale, args.seed, args.data,
-                                      args.synthetic_images)
+        dataset = pretraining_dataset(FRAMEWORKS[args.framework].two_view, args.image_size, args.min_scale, args.seed,
+                                      args.data, args.synthetic_images)
     except (FileNotFoundError, DataError) as e:
         utils.fail(str(e))
     if len(dataset) < args.batch_size:

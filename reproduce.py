@@ -1,19 +1,22 @@
-"""Reproduce the shape of the paper's Table 7 on the built-in synthetic scenes: pre-train (none, SlotCon, DeCon-SL,
-DeCon-ML), fine-tune with 5 / 25 / 100 % of the labels, transfer the encoder or the encoder and decoder, average
-over seeds, and write `results.md` and `results.json` to --output-dir.
+"""Reproduce the shape of the paper's Table 7 on the built-in synthetic scenes, and measure what pre-training learned:
+pre-train (none, SlotCon, DeCon-SL, DeCon-ML) once per seed, probe every pre-training level by level (probe.py:
+frozen linear probe, k-means, SlotCon's prototypes, each beside random init and the pre-trained encoder with a
+random decoder), fine-tune with 5 / 25 / 100 % of the labels, transfer the encoder or the encoder and decoder, and
+write `results.md` and `results.json` to --output-dir. Seed s pre-trains, probes and fine-tunes with seed s; the
+tables give mean +- std over the seeds.
 
-Every stage is a subprocess (`pretrain.py`, `finetune_seg.py`) whose exact command, runtime and log are kept in
-its folder; a stage whose output exists is reused, so an interrupted run continues where it stopped (a pre-training
-cut mid-way resumes from its `last.pt`). The defaults fit about an hour on 2 CPU cores; flags scale them up:
+Every stage is a subprocess (`pretrain.py`, `probe.py`, `finetune_seg.py`) whose exact command, runtime and log are
+kept in its folder; a stage whose output exists is reused, so an interrupted run continues where it stopped (a
+pre-training cut mid-way resumes from its `last.pt`). The defaults fit about 2 hours on 2 CPU cores; flags scale
+them up:
 
-    python reproduce.py                                   # ResNet-18, 64 px, ~1 h on 2 CPU cores
+    python reproduce.py                                   # ResNet-18, 64 px, 3 seeds, ~2 h on 2 CPU cores
     python reproduce.py --quick --output-dir /tmp/rq      # tiny everything, a smoke test
-    python reproduce.py --device cuda --arch resnet50 --image-size 224 --pretrain-steps 5000 --finetune-iters 2000 \
+    python reproduce.py --device cuda --arch resnet50 --image-size 224 --pretrain-epochs 100 --finetune-iters 2000 \
         --finetune-decoder fcn --pretrain-batch 256 --finetune-batch 16 --densecl
 """
 import argparse
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -26,11 +29,14 @@ import numpy as np
 import torch
 
 import utils
+from pretrain import variant_argv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-QUICK = dict(arch="resnet18", image_size=32, pretrain_steps=2, pretrain_batch=4, pretrain_epochs=1,
+QUICK = dict(arch="resnet18", image_size=32, pretrain_steps=2, pretrain_batch=4, pretrain_epochs=1, pretrain_images=8,
              dim_hidden=32, num_prototypes=4, finetune_iters=3, finetune_batch=2, synthetic_train=40,
-             synthetic_test=4, seeds=[0], workers=0, jobs=2)
+             synthetic_test=4, seeds=[0], workers=0, jobs=2,
+             probe_flags="--synthetic-train 8 --synthetic-test 4 --synthetic-size 64 --size 64 --probe-epochs 1 "
+                         "--kmeans-restarts 1 --kmeans-iters 3 --batch-size 8")
 
 
 def get_args_parser():
@@ -41,11 +47,20 @@ def get_args_parser():
     a("--quick", action="store_true", help="tiny everything and one seed: a smoke test of the pipeline")
     a("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
     a("--image-size", type=int, default=64, help="pre-training crops, fine-tuning scenes and crops (multiple of 32)")
-    a("--pretrain-steps", type=int, default=60, help="optimizer steps of each pre-training")
-    a("--pretrain-epochs", type=int, default=3, help="the steps are spread over this many passes over the scenes")
-    a("--pretrain-batch", type=int, default=32)
+    a("--pretrain-epochs", type=int, default=8, help="passes over the scenes; the schedules span them")
+    a("--pretrain-images", type=int, default=512, help="built-in scenes of each pre-training")
+    a("--pretrain-steps", type=int, default=None, help="stop each pre-training after this many steps (schedules "
+      "unchanged; default: all epochs)")
+    a("--pretrain-batch", type=int, default=16)
+    a("--pretrain-lr", type=float, default=32.0, help="LARS base lr per 256 images: peak 2.0 at batch 16, SlotCon's "
+      "peak at batch 512 (a short run at 1.0 x 16 / 256 learns nothing visible)")
+    a("--pretrain-warmup", type=float, default=0.5, help="warm-up epochs")
+    a("--teacher-momentum", type=float, default=0.95, help="start of the teacher EMA's cosine to 1 (paper 0.99, "
+      "for hundreds of epochs)")
+    a("--min-scale", type=float, default=0.2, help="smallest crop area fraction (paper 0.08)")
     a("--dim-hidden", type=int, default=512, help="projector / predictor hidden width (paper 4096)")
-    a("--num-prototypes", type=int, default=32, help="SlotCon prototypes (paper 256)")
+    a("--num-prototypes", type=int, default=16, help="SlotCon prototypes (paper 256; the scenes have 9 classes)")
+    a("--probe", action=argparse.BooleanOptionalAction, default=True, help="probe every pre-training (probe.py)")
     a("--alpha", type=float, default=0.5, help="DeCon-SL encoder loss weight (Table 7 uses 0.5)")
     a("--densecl", action="store_true", help="also DenseCL and DeCon-SL-DenseCL")
     a("--finetune-decoder", default="fpn", choices=["fcn", "fpn"],
@@ -65,6 +80,7 @@ def get_args_parser():
     a("--threads", type=int, default=1,
       help="OMP_NUM_THREADS of each stage (0: inherit); on a shared 2-core machine 1 thread ran 3x faster than 2, "
            "so the default uses the 2 cores as 2 jobs of 1 thread")
+    a("--probe-flags", default="", help="extra probe.py flags, as one quoted string")
     a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype of every stage (default the "
       "scripts': bf16 on CUDA and on CPUs with bf16 instructions, else fp32)")
     a("--device", default=None, choices=["cuda", "cpu"])
@@ -91,16 +107,15 @@ def finalize(args):
 
 def pretrainings(args):
     """(name, decoder pre-trained or None, pretrain.py flags); name 'none' is random init (no stage)."""
-    sl_dec = args.finetune_decoder
-    sl = ["--decoder", sl_dec, "--alpha", str(args.alpha)] + (["--no-deep-supervision"] if sl_dec == "fpn" else [])
+    dec = args.finetune_decoder
+    sl = dict(decoder=dec, alpha=args.alpha, deep_supervision=False if dec == "fpn" else None)
     out = [("Random init", None, None),
-           ("SlotCon", None, ["--framework", "slotcon", "--decoder", "none"]),
-           (f"DeCon-SL-SlotCon-{sl_dec.upper()}", sl_dec, ["--framework", "slotcon"] + sl),
-           ("DeCon-ML-SlotCon-FPN", "fpn", ["--framework", "slotcon", "--decoder", "fpn", "--alpha", "0",
-                                            "--dropout", "0.5"])]
+           ("SlotCon", None, variant_argv("slotcon")),
+           (f"DeCon-SL-SlotCon-{dec.upper()}", dec, variant_argv("sl-" + dec, **sl)),
+           ("DeCon-ML-SlotCon-FPN", "fpn", variant_argv("ml-fpn"))]
     if args.densecl:
-        out += [("DenseCL", None, ["--framework", "densecl", "--decoder", "none"]),
-                (f"DeCon-SL-DenseCL-{sl_dec.upper()}", sl_dec, ["--framework", "densecl"] + sl)]
+        out += [("DenseCL", None, variant_argv("densecl")),
+                (f"DeCon-SL-DenseCL-{dec.upper()}", dec, variant_argv("densecl-sl-" + dec, **sl))]
     return out
 
 
@@ -118,23 +133,32 @@ def slug(name):
     return name.lower().replace(" ", "-")
 
 
-def pretrain_command(args, flags, out_dir):
-    images = math.ceil(args.pretrain_steps / args.pretrain_epochs) * args.pretrain_batch
+def pretrain_command(args, flags, seed, out_dir):
     cmd = [sys.executable, os.path.join(HERE, "pretrain.py"), *flags, "--arch", args.arch,
            "--image-size", str(args.image_size), "--batch-size", str(args.pretrain_batch),
-           "--epochs", str(args.pretrain_epochs), "--max-steps", str(args.pretrain_steps),
-           "--warmup-epochs", str(min(1.0, args.pretrain_epochs / 4)), "--synthetic-images", str(images),
-           "--dim-hidden", str(args.dim_hidden), "--num-prototypes", str(args.num_prototypes),
-           "--workers", str(args.workers), "--log-every", "5", "--precision", args.precision, "--output-dir", out_dir]
-    if "densecl" in flags:  # the dictionary must not outgrow what a short run can fill
+           "--epochs", str(args.pretrain_epochs), "--synthetic-images", str(args.pretrain_images),
+           "--base-lr", str(args.pretrain_lr),
+           "--warmup-epochs", str(min(args.pretrain_warmup, args.pretrain_epochs / 4)),
+           "--teacher-momentum", str(args.teacher_momentum), "--min-scale", str(args.min_scale),
+           "--dim-hidden", str(args.dim_hidden), "--num-prototypes", str(args.num_prototypes), "--seed", str(seed),
+           "--workers", str(args.workers), "--log-every", "4", "--precision", args.precision, "--output-dir", out_dir]
+    cmd += ["--max-steps", str(args.pretrain_steps)] if args.pretrain_steps else []
+    if flags[flags.index("--framework") + 1] == "densecl":  # the dictionary must not outgrow what a short run fills
         cmd += ["--queue-size", str(max(args.pretrain_batch, 8 * args.pretrain_batch))]
     return cmd + (["--device", args.device] if args.device else [])
 
 
-def finetune_command(args, pretrained, transfer, fraction, out_dir):
+def probe_command(args, checkpoint, decoder, seed, out_dir):
+    cmd = [sys.executable, os.path.join(HERE, "probe.py"), "--pretrained", checkpoint, "--seed", str(seed),
+           "--output-dir", out_dir, *shlex.split(args.probe_flags)]
+    cmd += [] if decoder else ["--decoder", args.finetune_decoder]  # an encoder-only run: probe its random decoder
+    return cmd + (["--device", args.device] if args.device else [])
+
+
+def finetune_command(args, pretrained, transfer, fraction, seed, out_dir):
     cmd = [sys.executable, os.path.join(HERE, "finetune_seg.py"), "--dataset", "synthetic",
            "--decoder", args.finetune_decoder, "--arch", args.arch, "--fraction", str(fraction),
-           "--seeds", *map(str, args.seeds), "--iters", str(args.finetune_iters),
+           "--seed", str(seed), "--iters", str(args.finetune_iters),
            "--batch-size", str(args.finetune_batch), "--lr", str(args.finetune_lr),
            "--synthetic-size", str(args.image_size), "--crop-size", str(args.image_size),
            "--synthetic-train", str(args.synthetic_train), "--synthetic-test", str(args.synthetic_test),
@@ -197,16 +221,52 @@ def run_stage(label, cmd, out_dir, done_file, threads, progress, inputs=()):
     return stage
 
 
-def markdown(args, table, stages, total_seconds):
+PROBE_LEVELS = ("c5", "p2", "p3", "p4", "p5", "fcn")
+PROBE_MEASURES = (("linear", "linear"), ("kmeans", "k-means"), ("prototypes", "prototypes"),
+                  ("linear_fgbg", "fg/bg linear"), ("kmeans_fgbg", "fg/bg k-means"))
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values} if values else None
+
+
+def probe_table(plan, probes, seeds):
+    """Rows of the probe table: random init (the DeCon-ML runs' random networks: ResNet + FPN), each pre-training,
+    and each pre-trained encoder under a random decoder; cells: {level: {measure: mean_std over seeds}}."""
+    def cells(name, init):
+        runs = [probes[(name, s)] for s in seeds]
+        levels = [lvl for lvl in PROBE_LEVELS if all(init in r["levels"].get(lvl, {}) for r in runs)]
+        return {lvl: {m: mean_std([r["levels"][lvl][init].get(m, {}).get("miou") for r in runs])
+                      for m, _ in PROBE_MEASURES} for lvl in levels}
+    rows = [("Random init", cells("DeCon-ML-SlotCon-FPN", "random"))]
+    for name, decoder, _ in plan:
+        rows.append((name, cells(name, "checkpoint")))
+        if decoder:  # an encoder-only run is its own control: its decoder levels are a random decoder already
+            rows.append((f"{name} encoder + random decoder", cells(name, "enc+rand-dec")))
+    return [{"network": n, "levels": c} for n, c in rows]
+
+
+def markdown(args, table, probe_rows, stages, total_seconds):
     fr = [f"{100 * f:g} %" for f in args.fractions]
+    show = lambda c: f"{c['mean']:.2f} +- {c['std']:.2f}" if c else "-"
     lines = [f"# DeCon, Table 7 at small scale (synthetic scenes, {args.arch}, {args.image_size} px)", "",
-             f"Test mIoU (%), mean +- std (population) over seeds {args.seeds}; fine-tuned with a "
-             f"{args.finetune_decoder.upper()} head, {args.finetune_iters} iterations, batch {args.finetune_batch}, "
-             f"on {args.synthetic_train} labelled scenes x fraction.", "",
-             "| pre-training | transfer | " + " | ".join(fr) + " |", "|---|---|" + "---|" * len(fr)]
+             f"Seeds {args.seeds}: seed s pre-trains, probes and fine-tunes with s; mean +- std (population).", ""]
+    if probe_rows:
+        lines += ["## Probes of the frozen teacher (probe.py, test mIoU %)", "",
+                  "| network | level | " + " | ".join(label for _, label in PROBE_MEASURES) + " |",
+                  "|---|---|" + "---|" * len(PROBE_MEASURES)]
+        for row in probe_rows:
+            for lvl, measures in row["levels"].items():
+                lines.append(f"| {row['network']} | {lvl} | " +
+                             " | ".join(show(measures[m]) for m, _ in PROBE_MEASURES) + " |")
+        lines.append("")
+    lines += ["## Fine-tuning (test mIoU %)", "",
+              f"{args.finetune_decoder.upper()} head, {args.finetune_iters} iterations, batch {args.finetune_batch}, "
+              f"on {args.synthetic_train} labelled scenes x fraction.", "",
+              "| pre-training | transfer | " + " | ".join(fr) + " |", "|---|---|" + "---|" * len(fr)]
     for row in table:
-        cells = [f"{c['mean']:.2f} +- {c['std']:.2f}" if c else "-" for c in row["cells"]]
-        lines.append(f"| {row['pretraining']} | {row['transfer']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['pretraining']} | {row['transfer']} | " + " | ".join(map(show, row["cells"])) + " |")
     lines += ["", f"Total runtime {total_seconds / 60:.1f} min (stages reused from an earlier run count their "
               "original runtime).", "", "## Commands and runtimes", "", "| stage | seconds | command |",
               "|---|---|---|"]
@@ -241,49 +301,61 @@ def main(args):
     os.makedirs(args.output_dir, exist_ok=True)
     plan = [p for p in pretrainings(args) if p[2]]
     table_rows = rows(args)
-    n = len(plan) + len(table_rows) * len(args.fractions)
+    n = len(args.seeds) * ((1 + args.probe) * len(plan) + len(table_rows) * len(args.fractions))
     count, lock = iter(range(1, n + 1)), threading.Lock()
 
     def progress(message):
         with lock:
             print(f"[{next(count)}/{n}] {message}", flush=True)
 
-    t0, checkpoints, specs = time.perf_counter(), {}, []
-    for name, _, flags in plan:
-        out = os.path.join(args.output_dir, "pretrain", slug(name))
-        last = checkpoints[name] = os.path.join(out, "last.pt")
-        cmd = pretrain_command(args, flags, out)
-        if os.path.exists(last) and not os.path.exists(os.path.join(out, "stage.json")):
-            cmd += ["--resume", last]  # an interrupted pre-training continues from its last epoch
-        specs.append((f"pretrain {name}", cmd, out, last))
-    pretrain_specs = specs
+    t0, checkpoints, pretrain_specs, probe_specs = time.perf_counter(), {}, [], []
+    for seed in args.seeds:
+        for name, decoder, flags in plan:
+            out = os.path.join(args.output_dir, "pretrain", f"{slug(name)}-seed{seed}")
+            last = checkpoints[(name, seed)] = os.path.join(out, "last.pt")
+            cmd = pretrain_command(args, flags, seed, out)
+            if os.path.exists(last) and not os.path.exists(os.path.join(out, "stage.json")):
+                cmd += ["--resume", last]  # an interrupted pre-training continues from its last epoch
+            pretrain_specs.append((f"pretrain {name} / seed {seed}", cmd, out, last))
+            if args.probe:
+                out = os.path.join(args.output_dir, "probe", f"{slug(name)}-seed{seed}")
+                probe_specs.append((f"probe {name} / seed {seed}", probe_command(args, last, decoder, seed, out), out,
+                                    os.path.join(out, "probe.json"), [last]))
 
     specs, cells = [], []
     for fraction in args.fractions:  # the scarcest labels first: a cut run still answers the main question
-        for name, _, transfer in table_rows:
-            out = os.path.join(args.output_dir, "finetune", f"{slug(name)}-{transfer.replace('+', '-')}-{fraction:g}")
-            cmd = finetune_command(args, checkpoints.get(name), transfer, fraction, out)
-            specs.append((f"finetune {name} / {transfer} / {100 * fraction:g} %", cmd, out,
-                          os.path.join(out, "results.json"), [checkpoints[name]] if name in checkpoints else []))
-            cells.append((name, transfer, fraction))
-    check_reusable(pretrain_specs + specs)
-    stages = run_all(pretrain_specs + specs, args, progress)
+        for seed in args.seeds:
+            for name, _, transfer in table_rows:
+                out = os.path.join(args.output_dir, "finetune",
+                                   f"{slug(name)}-{transfer.replace('+', '-')}-{fraction:g}-seed{seed}")
+                pre = checkpoints.get((name, seed))
+                cmd = finetune_command(args, pre, transfer, fraction, seed, out)
+                specs.append((f"finetune {name} / {transfer} / {100 * fraction:g} % / seed {seed}", cmd, out,
+                              os.path.join(out, "results.json"), [pre] if pre else []))
+                cells.append((name, transfer, fraction, seed))
+    check_reusable(pretrain_specs + probe_specs + specs)
+    stages = run_all(pretrain_specs + probe_specs + specs, args, progress)
 
     results = {}
-    for key, spec in zip(cells, specs):
+    for (name, transfer, fraction, seed), spec in zip(cells, specs):
         with open(spec[3]) as f:
-            per_seed = {s["seed"]: s["miou"] for s in json.load(f)["seeds"]}
-        values = list(per_seed.values())
-        results[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "per_seed": per_seed}
+            results.setdefault((name, transfer, fraction), {})[seed] = json.load(f)["seeds"][0]["miou"]
     table = [{"pretraining": name, "decoder": decoder, "transfer": transfer,
-              "cells": [results[(name, transfer, f)] for f in args.fractions]}
+              "cells": [{**mean_std(list(results[(name, transfer, f)].values())),
+                         "per_seed": results[(name, transfer, f)]} for f in args.fractions]}
              for name, decoder, transfer in table_rows]
+    probes = {}
+    for spec in probe_specs:
+        name, seed = spec[0][len("probe "):].rsplit(" / seed ", 1)
+        with open(spec[3]) as f:
+            probes[(name, int(seed))] = json.load(f)
+    probe_rows = probe_table(plan, probes, args.seeds) if args.probe else []
     total = sum(s["seconds"] for s in stages)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(markdown(args, table, stages, total))
+        f.write(markdown(args, table, probe_rows, stages, total))
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"fractions": args.fractions, "seeds": args.seeds, "units": "percent mIoU", "table": table,
-                   "stages": stages, "stage_seconds": round(total, 1),
+                   "probes": probe_rows, "stages": stages, "stage_seconds": round(total, 1),
                    "wall_seconds": round(time.perf_counter() - t0, 1), "args": vars(args)}, f, indent=2)
     print(f"wrote {os.path.join(args.output_dir, 'results.md')} ({total / 60:.1f} min of stages, "
           f"{(time.perf_counter() - t0) / 60:.1f} min wall)", flush=True)

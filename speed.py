@@ -81,7 +81,7 @@ def apply(model, checkpoint_heads=False, checkpoint_encoder=False, checkpoint_de
     s = model.student
     if checkpoint_heads:
         for lvl in model.dec_levels:
-            if model.framework == "slotcon":  # DenseCL's heads have no BatchNorm / GELU hidden layers to split
+            if hasattr(model.objectives[lvl], "predictor"):  # SlotCon: MLPs with BatchNorm / GELU hidden layers
                 recompute_hidden_layers(s.heads[lvl].projector)
                 recompute(model.objectives[lvl].predictor)  # 4096-wide hidden rows of every slot
             recompute(s.heads[lvl])

@@ -10,6 +10,7 @@ import gc
 import glob
 import inspect
 import json
+import math
 import os
 import re
 import shlex
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -313,11 +315,60 @@ def finetune_folder_problem(folder, overwrite):
     return f"--output-dir {problem}" if problem else None
 
 
+# ---------------------------------------------------------------- fine-tuning runs (finetune_seg.py, finetune_det.py)
+
+def add_finetune_flags(a, output_dir):
+    """The flags of a fine-tuning run's machinery, the same in finetune_seg.py and finetune_det.py."""
+    a("--arch", choices=["resnet18", "resnet34", "resnet50"], default=None,
+      help="encoder (default: the pre-trained checkpoint's, else resnet50)")
+    a("--branch", choices=["teacher", "student"], default=None, help="branch of a last.pt (default: teacher for "
+      "SlotCon, student for DenseCL, as the authors export)")
+    a("--seed", type=int, default=0, help="seed of the subset, the initialization and the augmentations")
+    a("--seeds", type=int, nargs="+", default=None, help="one fine-tune per seed; report mean and std "
+      "(overrides --seed; the paper averages 3)")
+    a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (default bf16 on CUDA and on "
+      "CPUs with bf16 instructions, else fp32)")
+    a("--workers", type=int, default=None, help="data-loading processes per GPU (0 = in-process; default "
+      "min(8, cores))")
+    a("--output-dir", default=output_dir, help="results.json, log.jsonl and seedN.pt go here")
+    a("--overwrite", action="store_true", help="replace the results of an earlier run in --output-dir")
+    a("--allow-finetuned", action="store_true", help="accept a fine-tuned seedN.pt as --pretrained (its weights "
+      "have seen labels, which a label-fraction experiment must not)")
+    a("--log-every", type=int, default=20, help="write the training losses to log.jsonl every N iterations")
+    a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+
+
+def start_finetune(args, prepare):
+    """The beginning of a fine-tuning run (finetune_seg.py, finetune_det.py): processes, every input checked by
+    `prepare` (one line on a problem), the output folder, the pre-trained files' notes, the log.
+    Returns (device, pretrained, datasets, command line, log)."""
+    device = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.batch_size % world_size():
+        fail(f"--batch-size {args.batch_size} is not divisible by the {world_size()} processes")
+    try:
+        pretrained, datasets = prepare(args)
+    except ValueError as e:  # data.DataError included
+        raise SystemExit(f"error: {e}") from None
+    lock_output_dir(args.output_dir)  # one job per folder, until this process ends
+    if is_main():
+        for note in (pretrained or {}).get("notes", []):
+            print(note, flush=True)
+    log = JsonLines(os.path.join(args.output_dir, "log.jsonl"))
+    return device, pretrained, datasets, command_line(), log
+
+
 def command_line():
     """How this run was started, to keep beside its results: `python SCRIPT ...` or `torchrun ... SCRIPT ...`."""
     if world_size() == 1:
         return shlex.join(["python"] + sys.argv)
     return shlex.join(["torchrun", f"--nproc_per_node={world_size()}"] + sys.argv)
+
+
+def as_percent(x):
+    """Fraction(s) -> percent, NaN -> None (JSON has no NaN)."""
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [as_percent(float(v)) for v in x]
+    return None if x is None or math.isnan(x) else round(100.0 * float(x), 4)
 
 
 class JsonLines:

@@ -19,38 +19,16 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import utils
-from data import IMAGE_EXTENSIONS, SYNTHETIC_SPLIT_SEEDS, SyntheticScenes, find_files, load_rgb, to_tensor
-from models import DeCon
+from data import IMAGE_EXTENSIONS, SyntheticScenes, find_files, load_rgb, to_tensor
+from models import FRAMEWORKS
+from seg_data import SYNTHETIC_SPLIT_SEEDS
+from weights import build_decon, read_checkpoint
 
 LABEL, GAP = 14, 2  # px: the band of level names above the panels, the white space between panels
 BLEND = 0.5  # weight of the prototype colours over the image
 
 
 # ---------------------------------------------------------------- the teacher's maps
-
-def read_checkpoint(path):
-    """A pretrain.py last.pt -> (its model state dict, the pre-training args dict). Raises ValueError (one line
-    naming the file) for anything else."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--checkpoint {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: skip the optimizer
-    except Exception as e:
-        raise ValueError(f"--checkpoint {path}: cannot be read as a PyTorch checkpoint ({type(e).__name__})") from None
-    a = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if not (isinstance(a, dict) and "framework" in a and isinstance(ckpt.get("model"), dict)):
-        what = " (a fine-tuned seedN.pt: draw it with eval.py --save-predictions)" if "num_classes" in (a or {}) else ""
-        raise ValueError(f"--checkpoint {path}: not a pretrain.py checkpoint{what}")
-    return ckpt["model"], a
-
-
-def build_model(state, a):
-    """The DeCon of pre-training args `a`, with the weights `state`, in eval mode."""
-    model = DeCon(a["framework"], a["arch"], a["decoder"], a["alpha"], a["dropout"], a["deep_supervision"],
-                  a["dim_hidden"], a["dim_out"], a["num_prototypes"], a.get("num_prototypes_dec"), a["queue_size"])
-    model.load_state_dict(state)
-    return model.eval()
-
 
 @torch.no_grad()
 def teacher_maps(model, x):
@@ -60,7 +38,7 @@ def teacher_maps(model, x):
     maps = {}
     for lvl, head in model.teacher.heads.items():
         out = head(feats[lvl])
-        if model.framework == "slotcon":
+        if FRAMEWORKS[model.framework].picture == "prototypes":
             maps[lvl] = out.scores[0].argmax(0).numpy()                                      # (B, K, h, w) scores
         else:
             h, w = feats[lvl].shape[-2:]
@@ -95,7 +73,7 @@ def pca_colours(maps):
 
 def level_colours(model, maps):
     """{level: list of maps, one per image} -> {level: list of (h, w, 3) uint8}."""
-    if model.framework == "densecl":
+    if FRAMEWORKS[model.framework].picture == "pca":
         return {lvl: pca_colours(m) for lvl, m in maps.items()}
     palettes = {lvl: prototype_palette(model.teacher.heads[lvl].prototypes.num_embeddings) for lvl in maps}
     return {lvl: [palettes[lvl][ids] for ids in m] for lvl, m in maps.items()}
@@ -129,7 +107,7 @@ def draw(model, images, size):
     images = [im.resize((size, size), Image.BICUBIC) for im in images]
     maps = [teacher_maps(model, to_tensor(im)[None]) for im in images]
     colours = level_colours(model, {lvl: [m[lvl] for m in maps] for lvl in model.levels})
-    blend = BLEND if model.framework == "slotcon" else 1
+    blend = BLEND if FRAMEWORKS[model.framework].picture == "prototypes" else 1
     rows = [[im] + [panel(im, colours[lvl][i], blend) for lvl in model.levels] for i, im in enumerate(images)]
     labels = ["image"] + [f"{lvl} {m.shape[0]}x{m.shape[1]}" for lvl, m in maps[0].items()]
     return [grid_picture([row], labels) for row in rows], grid_picture(rows, labels)
@@ -199,7 +177,7 @@ def main(args):
             raise ValueError(f"--output {problem}")
     except ValueError as e:
         utils.fail(e)
-    model = build_model(state, pre)
+    model = build_decon(state, pre)
     strips, summary = draw(model, [im for _, im in images], size)
     os.makedirs(args.output, exist_ok=True)
     for i, ((name, _), strip) in enumerate(zip(images, strips)):

@@ -665,14 +665,15 @@ def main(args):
         setup = prepare(args.pretrained, args)
     except ValueError as e:  # data.DataError included
         utils.fail(e)
+    utils.lock_output_dir(args.output_dir)  # one job per folder, until this process ends
     results = {"args": vars(args), **run_probes(setup, args)}
     print(header(results))
     print(results_table(results))
-    os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "probe.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {path} ({results['seconds']:.0f} s)", flush=True)
+    utils.shutdown()
     return results
 
 

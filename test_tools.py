@@ -32,7 +32,7 @@ import itertools
 from scipy.optimize import linear_sum_assignment  # test-only reference (requirements-test.txt)
 
 import probe
-from test_decon import HERE, fake_checkpoint, run_pretrain, tiny_args, tiny_model
+from test_decon import HERE, fake_checkpoint, hold_folder, run_pretrain, tiny_args, tiny_model
 from weights import build_decon, read_checkpoint
 from test_segmentation import fake_finetuned, make_folder, write_image
 
@@ -722,6 +722,19 @@ def test_the_three_networks_differ_only_where_they_should(checkpoints):
 
 def run_main(*argv):
     return probe.main(probe.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def test_a_probe_folder_in_use_by_another_job_is_refused_before_any_work(checkpoints, tmp_path, capsys):
+    out = tmp_path / "probe"
+    holder = hold_folder(out)
+    try:
+        with pytest.raises(SystemExit) as e:
+            run_main("--pretrained", checkpoints["ml-fpn"], *TINY_PROBE, "--output-dir", out)
+        assert e.value.code == 2 and sorted(os.listdir(out)) == [".lock"]
+        assert capsys.readouterr().err.startswith(f"error: --output-dir {out} is in use by another job (host ")
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_an_encoder_only_checkpoint_gets_the_decoder_levels_of_a_random_decoder(checkpoints, tmp_path, capsys):

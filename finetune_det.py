@@ -11,7 +11,7 @@ COCO or VOC AP over seeds (paper Sec. 3.4: Faster R-CNN on VOC 07+12, Mask R-CNN
 Training is Detectron2's, which the paper used, with the recipes of MoCo's and SlotCon's configs as each dataset's
 defaults (docs/DETECTION.md): SGD (momentum 0.9, weight decay 1e-4, none on BatchNorm), linear warm-up from 0.001 x
 lr, x0.1 steps; a short side drawn per image from the training sizes, a long side bound, horizontal flips. The
-detector is in models.py, the datasets in data.py, the metrics and inference in eval.py.
+detector, its metrics and inference are in detection.py, the datasets in det_data.py, the transfer in weights.py.
 """
 import json
 import math

@@ -11,7 +11,8 @@ Training is mmseg 0.30's, which the paper used, with each dataset's recipe as th
 VOC and Cityscapes as SlotCon's fcn_d6_r50-d16 configs (SGD lr 0.003 / 0.01, weight decay 1e-4, step decay x0.1 at
 70 % and 90 % of the iterations, 513 / 769 px crops, align_corners), ISIC and REFUGE as the paper (lr 0.01, poly
 decay with power 0.9, mmseg's weight decay 5e-4). Random rescale 0.5-2, crop, flip; pixel cross-entropy with ignore
-index 255. The segmentation network is in models.py; the metric and inference in eval.py.
+index 255. The segmentation network is in models.py, the datasets in seg_data.py, the transfer in weights.py; the
+metric and inference in eval.py.
 """
 import argparse
 import json

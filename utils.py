@@ -180,7 +180,7 @@ def lock_output_dir(folder):
             mine = re.fullmatch(rf"host {re.escape(socket.gethostname())}, PID (\d+), .*", holder(f))
             if mine and pid_alive(int(mine[1])):
                 problem = f"--output-dir {folder} is in use by another job ({holder(f)})"
-            elif is_main():
+            else:
                 print(f"warning: --output-dir {folder}: no file locks on this file system ({e.strerror}); two jobs "
                       "on other hosts could share it", file=sys.stderr, flush=True)
         if problem:
@@ -209,8 +209,8 @@ def pid_alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, under another user
+        pass
     return True
 
 

@@ -28,6 +28,8 @@ import sys
 import torch
 
 import utils
+from finetune_seg import DATASET_DEFAULTS
+from seg_data import DATASETS
 from weights import export_detectron2, export_mmseg, export_torchvision, load_pretrained, without_fc
 
 # Our encoders saw RGB in [0, 1] normalized with the ImageNet statistics; Detectron2 takes 0-255 input.
@@ -52,8 +54,8 @@ def get_args_parser():
     a("--part", choices=["encoder", "decoder", "both"], default="both", help="what to export")
     a("--fold-bn", action="store_true", help="torchvision: fold each FPN BatchNorm into its conv (a conv with a "
       "bias), for the v1 detectors whose FPN has no norm layers")
-    a("--dataset", choices=sorted(MMSEG_DATASETS), default="voc", help="mmseg: the dataset of the printed config "
-      "(classes, crop, test mode)")
+    a("--dataset", choices=MMSEG_DATASETS, default="voc", help="mmseg: the dataset of the printed config, whose "
+      "classes, crop, test mode and align_corners are finetune_seg.py's on it")
     return p
 
 
@@ -174,18 +176,25 @@ def detectron2_yaml(settings):
     return lines
 
 
-MMSEG_DATASETS = {  # SlotCon's fcn_d6_r50-d16 VOC and Cityscapes configs
-    "voc": dict(num_classes=21, crop=513, test_cfg=dict(mode="whole")),
-    "cityscapes": dict(num_classes=19, crop=769, test_cfg=dict(mode="slide", crop_size=(769, 769), stride=(513, 513))),
-}
+MMSEG_DATASETS = ("cityscapes", "isic2017", "refuge", "voc")
+
+
+def mmseg_dataset(name):
+    """What finetune_seg.py runs on dataset `name` by default: classes, crop, test mode, align_corners."""
+    spec, recipe = DATASETS[name], DATASET_DEFAULTS[name]
+    crop = recipe["crop_size"]
+    test_cfg = dict(mode="whole") if spec["mode"] == "whole" else \
+        dict(mode="slide", crop_size=(crop, crop), stride=(spec["stride"], spec["stride"]))
+    return dict(num_classes=len(spec["classes"]), crop=crop, test_cfg=test_cfg, align_corners=recipe["align_corners"])
 
 
 def mmseg_model(paths, info, dataset="voc"):
     """One complete mmseg 1.x `model` that builds as is and loads the exported files: a plain ResNet (not the
     default ResNetV1c) with SyncBN, dilated to output stride 16 for the FCN on ResNet-50; the paper's FCN head
     (mmseg's Normal(0.01) init of the classifier kept beside the pre-trained convs), or for an FPN export mmseg's
-    FPN neck with BN and a Semantic-FPN head; our input normalization (RGB, ImageNet mean and std)."""
-    arch, spec = info["arch"], MMSEG_DATASETS[dataset]
+    FPN neck with BN and fpn_r50.py's Semantic-FPN head; our input normalization (RGB, ImageNet mean and std). It is
+    the network finetune_seg.py fine-tunes on `dataset` (models.Segmenter), parameter names included."""
+    arch, spec = info["arch"], mmseg_dataset(dataset)
     depth, fcn = DEPTHS[arch], "neck" not in paths
     dilate = fcn and depth == 50  # torchvision's BasicBlock (ResNet-18/34) cannot dilate: our fine-tuning does not
     norm_cfg = dict(type="SyncBN", requires_grad=True)
@@ -204,15 +213,16 @@ def mmseg_model(paths, info, dataset="voc"):
     if fcn:
         model["decode_head"] = dict(type="FCNHead", in_channels=C5_CHANNELS[arch], in_index=3, channels=256,
                                     num_convs=2, concat_input=False, dilation=6, dropout_ratio=0,
-                                    num_classes=spec["num_classes"], norm_cfg=norm_cfg, align_corners=True,
-                                    loss_decode=loss, init_cfg=head_init + pretrained("decode_head"))
+                                    num_classes=spec["num_classes"], norm_cfg=norm_cfg,
+                                    align_corners=spec["align_corners"], loss_decode=loss,
+                                    init_cfg=head_init + pretrained("decode_head"))
     else:
         model["neck"] = dict(type="FPN", in_channels=FPN_IN_CHANNELS[arch], out_channels=256, num_outs=4,
                              norm_cfg=norm_cfg, init_cfg=pretrained("neck")[0])
         model["decode_head"] = dict(type="FPNHead", in_channels=[256] * 4, in_index=[0, 1, 2, 3],
                                     feature_strides=[4, 8, 16, 32], channels=128, dropout_ratio=0.1,
-                                    num_classes=spec["num_classes"], norm_cfg=norm_cfg, align_corners=False,
-                                    loss_decode=loss, init_cfg=head_init)
+                                    num_classes=spec["num_classes"], norm_cfg=norm_cfg,
+                                    align_corners=spec["align_corners"], loss_decode=loss, init_cfg=head_init)
     model.update(auxiliary_head=None, train_cfg=dict(), test_cfg=spec["test_cfg"])
     return model
 

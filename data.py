@@ -417,5 +417,5 @@ def seed_worker(worker_id):
 
 
 def to_tensor(image):
-    """PIL RGB -> (3, H, W) float, ImageNet-normalized (what the encoder was pre-trained on)."""
+    """PIL RGB image or (H, W, 3) uint8 array -> (3, H, W) float, ImageNet-normalized (as in pre-training)."""
     return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)

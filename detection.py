@@ -32,8 +32,11 @@ def build_detector(arch="resnet50", num_classes=81, kind="mask", test_size=800, 
     """torchvision's Faster R-CNN (kind 'faster') or Mask R-CNN ('mask') v2 around a ResNet-18/34/50: the body is a
     torchvision ResNet with BatchNorm (all stages trained), the FPN takes that arch's c2..c5 widths with BatchNorm
     (the layout of fasterrcnn_resnet50_fpn_v2 / maskrcnn_resnet50_fpn_v2, so `backbone.fpn` holds our FPNDecoder),
-    then the v2 heads: RPN with 2 convs, the 4conv1fc box head with BatchNorm, the 4-conv mask head with BatchNorm.
-    The v2 builders give the same keys and shapes for ResNet-50. num_classes counts the background (label 0).
+    then the RPN head of Detectron2's StandardRPNHead (one 3x3 conv + ReLU, `RPN.CONV_DIMS [-1]`; the v2 builders
+    stack two), the v2 box head (4conv1fc with BatchNorm) and mask head (4 convs with BatchNorm), initialized as
+    Detectron2 initializes them (detectron2_init). Apart from the RPN's second conv, the v2 builders give the same
+    keys and shapes for ResNet-50. num_classes counts the
+    background (label 0).
     images: a list of (3, h, w) floats in [0, 1]; the detector normalizes them (ImageNet mean and std), pads them to
     multiples of 32, and at test time resizes them to `test_size` (short side, long side at most `max_size`) and
     maps its boxes and masks back. Training images come resized by the data pipeline (DetectionTrainTransform,
@@ -49,19 +52,37 @@ def build_detector(arch="resnet50", num_classes=81, kind="mask", test_size=800, 
     backbone = tvd.backbone_utils.BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
                                                   list(ARCH_CHANNELS[arch]), 256, norm_layer=nn.BatchNorm2d)
     anchors = tvd.anchor_utils.AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
-    heads = dict(rpn_anchor_generator=anchors, rpn_head=tvd.rpn.RPNHead(256, 3, conv_depth=2),
+    heads = dict(rpn_anchor_generator=anchors, rpn_head=tvd.rpn.RPNHead(256, 3, conv_depth=1),
                  box_head=tvd.faster_rcnn.FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d))
     if kind == "mask":
         heads["mask_head"] = tvd.mask_rcnn.MaskRCNNHeads(256, [256] * 4, 1, norm_layer=nn.BatchNorm2d)
     detector = (tvd.MaskRCNN if kind == "mask" else tvd.FasterRCNN)(
         backbone, num_classes, min_size=test_size, max_size=max_size, box_batch_size_per_image=roi_batch_size,
         rpn_post_nms_top_n_test=test_proposals, _skip_resize=True, **heads)
+    detectron2_init(detector.roi_heads)
     # torchvision decodes boxes in the dtype of the predicted offsets: under bf16 autocast, coordinates near 800 px
     # would be 4 px apart. The two box predictors hand on fp32 (the convs before them still run in bf16).
     for predictor in (detector.rpn.head, detector.roi_heads.box_predictor):
         predictor.register_forward_hook(float_outputs)
     detector.arch, detector.kind, detector.num_classes = arch, kind, num_classes
     return detector
+
+
+def detectron2_init(roi_heads):
+    """Detectron2's initialization of the RoI heads' layers where torchvision's differs: the box head's fully
+    connected layer as c2_xavier_fill (Kaiming uniform with a = 1), the box predictor N(0, 0.01) for the class
+    scores and N(0, 0.001) for the box deltas, the mask predictor N(0, 0.001); their biases 0. The RPN head, the
+    convs, the FPN and the ResNet start alike in both libraries."""
+    for m in roi_heads.box_head.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_uniform_(m.weight, a=1)
+            nn.init.zeros_(m.bias)
+    layers = [(roi_heads.box_predictor.cls_score, 0.01), (roi_heads.box_predictor.bbox_pred, 0.001)]
+    if roi_heads.has_mask():
+        layers.append((roi_heads.mask_predictor.mask_fcn_logits, 0.001))
+    for layer, std in layers:
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
 
 
 def float_outputs(module, inputs, outputs):

@@ -11,6 +11,7 @@ one implementation. `--save-predictions DIR` draws image | ground truth | predic
 (written by finetune_seg.py) is a plain dict {"model": state dict, "args": the fine-tuning flags, ...} that
 torch.load(weights_only=True) reads.
 """
+import argparse
 import json
 import math
 import os
@@ -219,9 +220,11 @@ def get_args_parser():
     a("--mode", choices=["whole", "slide"], default=None, help="whole-image or sliding-window inference")
     a("--crop-size", type=int, default=None, help="slide window side (default: the fine-tuning crop)")
     a("--stride", type=int, default=None, help="slide window stride (default: the dataset's, or 2/3 crop)")
-    a("--base-size", type=int, default=None, help="short side images are rescaled to (0: native size; default: "
-      "the fine-tuning's)")
-    a("--max-size", type=int, default=None, help="long side bound of that rescaling (0: none)")
+    a("--test-scale", type=int, nargs=2, default=None, metavar=("A", "B"), help="mmseg's test `scale`: with "
+      "--keep-ratio, long side <= max(A, B) and short side <= min(A, B); without, A x B (0 0: native size; "
+      "default: the fine-tuning's)")
+    a("--keep-ratio", action=argparse.BooleanOptionalAction, default=None, help="keep the aspect ratio when "
+      "rescaling (default: the fine-tuning's)")
     a("--workers", type=int, default=None, help="data-loading processes (0 = in-process)")
     a("--precision", choices=["bf16", "fp32"], default=None, help="autocast dtype (default bf16 on CUDA and on "
       "CPUs with bf16 instructions, else fp32)")
@@ -232,9 +235,18 @@ def get_args_parser():
     return p
 
 
-def eval_geometry(dataset, crop_size, mode=None, stride=None, base_size=None, max_size=None):
-    """(mode, crop, stride, base_size, max_size) for `dataset`: explicit values win (0 for a size: no bound), then
-    the dataset's defaults. The default stride is the dataset's (Cityscapes: 513 for 769 crops) when it fits the
+def scale_pair(value, flag):
+    """The value of --scale / --test-scale -> a pair, or None for 0 0 (native size)."""
+    if value is None or not any(value):
+        return None
+    if min(value) < 1:
+        raise ValueError(f"{flag} {value[0]} {value[1]}: two positive sides, or 0 0 for native size")
+    return tuple(value)
+
+
+def eval_geometry(dataset, crop_size, mode=None, stride=None, scale=None, test_scale=None, keep_ratio=None):
+    """(mode, stride, scale, test_scale, keep_ratio) for `dataset`: explicit values win (0 0 for a scale: native
+    size), then the dataset's. The default stride is the dataset's (Cityscapes: 513 for 769 crops) when it fits the
     crop, else 2/3 of the crop."""
     spec = DATASETS[dataset]
     mode = mode or spec["mode"]
@@ -242,9 +254,10 @@ def eval_geometry(dataset, crop_size, mode=None, stride=None, base_size=None, ma
         stride = spec["stride"] if spec["stride"] and spec["stride"] <= crop_size else max(1, crop_size * 2 // 3)
     if stride > crop_size:
         raise ValueError(f"--stride {stride} is larger than the {crop_size} px window: pixels would be skipped")
-    base_size = spec["base_size"] if base_size is None else (base_size or None)
-    max_size = spec["max_size"] if max_size is None else (max_size or None)
-    return mode, crop_size, stride, base_size, max_size
+    scale = spec["scale"] if scale is None else scale_pair(scale, "--scale")
+    test_scale = spec["test_scale"] if test_scale is None else scale_pair(test_scale, "--test-scale")
+    keep_ratio = spec["keep_ratio"] if keep_ratio is None else keep_ratio
+    return mode, stride, scale, test_scale, keep_ratio
 
 
 def main(args):
@@ -260,11 +273,13 @@ def main(args):
                          f"{model.num_classes}")
     try:
         same = dataset == ft["dataset"]  # the fine-tuning's geometry, else the dataset's
-        base = (ft.get("base_size") or 0) if same and args.base_size is None else args.base_size
-        bound = (ft.get("max_size") or 0) if same and args.max_size is None else args.max_size
-        mode, crop, stride, base_size, max_size = eval_geometry(
-            dataset, args.crop_size or ft["crop_size"], args.mode or (ft["mode"] if same else None), args.stride,
-            base, bound)
+        test_scale = args.test_scale
+        if test_scale is None and same and "test_scale" in ft:
+            test_scale = ft["test_scale"] or (0, 0)
+        keep_ratio = ft.get("keep_ratio") if same and args.keep_ratio is None else args.keep_ratio
+        crop = args.crop_size or ft["crop_size"]
+        mode, stride, _, test_scale, keep_ratio = eval_geometry(
+            dataset, crop, args.mode or (ft["mode"] if same else None), args.stride, None, test_scale, keep_ratio)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     out = args.output or f"{os.path.splitext(args.checkpoint)[0]}.{dataset}-{args.split}.json"
@@ -286,7 +301,7 @@ def main(args):
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if args.save_predictions:
         os.makedirs(args.save_predictions, exist_ok=True)
-    scores = evaluate(model, Transformed(data, EvalTransform(base_size, max_size)), mode, crop, stride, device,
+    scores = evaluate(model, Transformed(data, EvalTransform(test_scale, keep_ratio)), mode, crop, stride, device,
                       workers, ctx, desc=f"eval {dataset}/{args.split}", save_predictions=args.save_predictions,
                       palette=class_palette(dataset, num_classes))
     if utils.is_main():
@@ -296,7 +311,7 @@ def main(args):
         print(score_table(scores, data.classes, regions))
         report = {"command": shlex.join(["python"] + sys.argv), "checkpoint": args.checkpoint, "dataset": dataset,
                   "split": args.split, "images": len(data), "mode": mode, "crop_size": crop, "stride": stride,
-                  "base_size": base_size, "max_size": max_size, "miou": utils.as_percent(scores["miou"]),
+                  "test_scale": test_scale, "keep_ratio": keep_ratio, "miou": utils.as_percent(scores["miou"]),
                   "pixel_acc": utils.as_percent(scores["pixel_acc"]),
                   "iou_per_class": dict(zip(data.classes, utils.as_percent(scores["iou"]))), "regions": regions,
                   "units": "percent"}

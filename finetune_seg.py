@@ -37,18 +37,22 @@ from weights import pretrained_for, transfer_segmenter
 
 # Each dataset's fine-tuning recipe: VOC and Cityscapes from SlotCon's mmseg configs
 # fcn_d6_r50-d16_513x513_30k_voc12aug_moco.py and fcn_d6_r50-d16_769x769_90k_cityscapes_moco.py (schedule_30k_moco.py,
-# schedule_90k_moco.py: step decay at 21k/27k and 63k/81k, i.e. 70 % and 90 %); ISIC and REFUGE from the paper
-# (Sec. 3.4: lr 0.01, poly, power 0.9) with mmseg's schedule defaults. The geometry is data.DATASETS'. A flag left
-# unset takes these.
+# schedule_90k_moco.py: step decay at 21k/27k and 63k/81k, i.e. 70 % and 90 %); ISIC and REFUGE: the schedule from
+# the paper (Sec. 3.4: 80k / 24k iterations, batch 16, lr 0.01, poly, power 0.9) with mmseg's schedule defaults, the
+# pipeline from mmseg 1.x's configs (REFUGE: configs/_base_/datasets/refuge.py; ISIC 2017: the project config
+# isic2017-task1_512x512.py). The rescale scales are seg_data.DATASETS'. A flag left unset takes these.
 POLY = dict(lr=0.01, schedule="poly", weight_decay=5e-4, align_corners=False)
 STEP = dict(schedule="step", step_fractions=(0.7, 0.9), weight_decay=1e-4, align_corners=True)
+PLAIN = dict(scale_range=(0.5, 2.0), cat_max_ratio=1.0, photometric=False)  # the VOC / Cityscapes configs' pipeline
 DATASET_DEFAULTS = {
-    "synthetic": dict(iters=300, crop_size=128, select="last", eval_every=100, **POLY),
-    "voc": dict(iters=30000, crop_size=513, select="last", eval_every=0, lr=0.003, **STEP),
-    "cityscapes": dict(iters=90000, crop_size=769, select="last", eval_every=0, lr=0.01, **STEP),
-    "isic2017": dict(iters=24000, crop_size=512, select="best", eval_every=500, **POLY),  # best on val, on test
-    "refuge": dict(iters=80000, crop_size=512, select="last", eval_every=0, **POLY),     # last checkpoint on test
-    "folder": dict(iters=20000, crop_size=512, select="last", eval_every=0, **POLY),
+    "synthetic": dict(iters=300, crop_size=128, select="last", eval_every=100, **POLY, **PLAIN),
+    "voc": dict(iters=30000, crop_size=513, select="last", eval_every=0, lr=0.003, **STEP, **PLAIN),
+    "cityscapes": dict(iters=90000, crop_size=769, select="last", eval_every=0, lr=0.01, **STEP, **PLAIN),
+    "isic2017": dict(iters=24000, crop_size=512, select="best", eval_every=500, **POLY,  # best on val, on test
+                     scale_range=(1.0, 1.0), cat_max_ratio=1.0, photometric=True),   # a fixed 512 x 512 resize
+    "refuge": dict(iters=80000, crop_size=512, select="last", eval_every=0, **POLY,     # last checkpoint on test
+                   scale_range=(0.5, 2.0), cat_max_ratio=0.75, photometric=True),
+    "folder": dict(iters=20000, crop_size=512, select="last", eval_every=0, **POLY, **PLAIN),
 }
 
 
@@ -87,11 +91,19 @@ def get_args_parser():
     a("--align-corners", action=argparse.BooleanOptionalAction, default=None, help="of the logits' bilinear "
       "upsampling (VOC, Cityscapes: on)")
     a("--crop-size", type=int, default=None, help="training crop side; also the slide-inference window")
-    a("--base-size", type=int, default=None, help="short side images are rescaled to before the random ratio and "
-      "at test time (0: native size; default: the dataset's)")
-    a("--max-size", type=int, default=None, help="long side bound of that rescaling (0: none; VOC, Cityscapes: "
-      "2049)")
-    a("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"), help="random rescaling")
+    a("--scale", type=int, nargs=2, default=None, metavar=("A", "B"), help="mmseg's training `scale` before the "
+      "random ratio: with --keep-ratio, long side <= max(A, B) and short side <= min(A, B); without, A x B "
+      "(0 0: native size; default: the dataset's)")
+    a("--test-scale", type=int, nargs=2, default=None, metavar=("A", "B"), help="the same at test time "
+      "(REFUGE: 1634 1634)")
+    a("--keep-ratio", action=argparse.BooleanOptionalAction, default=None, help="keep the aspect ratio when "
+      "rescaling (ISIC: off, a 512 x 512 resize)")
+    a("--scale-range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="ratio range of the random "
+      "rescaling (ISIC: 1 1; else 0.5 2)")
+    a("--cat-max-ratio", type=float, default=None, help="redraw a crop (up to 10 times) while one class covers this "
+      "fraction of it or more (REFUGE: 0.75; 1: off)")
+    a("--photometric", action=argparse.BooleanOptionalAction, default=None, help="mmseg's PhotoMetricDistortion "
+      "(REFUGE, ISIC: on)")
     a("--eval-every", type=int, default=None, help="evaluate on val every N iterations (0: never)")
     a("--select", choices=["last", "best"], default=None, help="checkpoint reported on test: the last, or the best "
       "on val (ISIC: best; REFUGE, VOC, Cityscapes: last)")
@@ -140,6 +152,8 @@ def finalize_args(args, parser):
         parser.error("--select best needs --eval-every N > 0 to evaluate on val")
     if not 0 < args.scale_range[0] <= args.scale_range[1]:
         parser.error(f"--scale-range {args.scale_range[0]} {args.scale_range[1]}: need 0 < MIN <= MAX")
+    if not 0 < args.cat_max_ratio <= 1:
+        parser.error(f"--cat-max-ratio {args.cat_max_ratio}: must be in (0, 1] (1: off)")
     if args.schedule == "poly" and not 0 <= args.min_lr < args.lr:
         parser.error(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr})")
     if args.schedule == "step" and args.lr_steps:
@@ -160,8 +174,8 @@ def finalize_args(args, parser):
     if args.branch is not None and not args.pretrained:
         parser.error("--branch needs --pretrained")
     try:
-        args.mode, _, args.stride, args.base_size, args.max_size = eval_geometry(
-            args.dataset, args.crop_size, args.mode, args.stride, args.base_size, args.max_size)
+        args.mode, args.stride, args.scale, args.test_scale, args.keep_ratio = eval_geometry(
+            args.dataset, args.crop_size, args.mode, args.stride, args.scale, args.test_scale, args.keep_ratio)
     except ValueError as e:
         parser.error(str(e))
     args.precision = utils.choose_precision(args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
@@ -231,7 +245,8 @@ def finetune(args, seed, datasets, pretrained, device, log):
     layout = utils.memory_format(device.type)
 
     indices = fraction_indices(len(datasets["train"]), args.fraction, seed)
-    crops = TrainTransform(args.crop_size, args.base_size, args.scale_range, args.max_size)
+    crops = TrainTransform(args.crop_size, args.scale, args.scale_range, args.keep_ratio, args.cat_max_ratio,
+                           args.photometric)
     train = SeededAugment(Transformed(datasets["train"], crops, indices), seed)
     batch = args.batch_size // world
     loader = torch.utils.data.DataLoader(train, batch_size=batch, num_workers=args.workers, drop_last=True,
@@ -327,7 +342,7 @@ def prepare(args):
     if args.select == "best" and args.dataset in TEST_IS_VAL and utils.is_main():
         print(f"note: {args.dataset} has no labelled test split, so test = val and --select best picks the "
               "checkpoint on the images it is scored on", flush=True)
-    evaluation = EvalTransform(args.base_size, args.max_size)
+    evaluation = EvalTransform(args.test_scale, args.keep_ratio)
     return pretrained, {"train": data["train"], "test": Transformed(data["test"], evaluation),
                         "val": Transformed(data["val"], evaluation) if "val" in data else None}
 

@@ -63,14 +63,15 @@ class Backbone(nn.Module):
 # ---------------------------------------------------------------- decoders
 
 class ConvModule(nn.Module):
-    """conv (no bias) -> BN -> ReLU, named like mmcv's ConvModule (`conv`, `bn`)."""
+    """conv (no bias) -> BN -> ReLU (`act=False`: no ReLU), named like mmcv's ConvModule (`conv`, `bn`), with its
+    init: Kaiming normal (fan_out) conv, BN weight 1 and bias 0."""
 
-    def __init__(self, cin, cout, kernel_size=3, dilation=1):
+    def __init__(self, cin, cout, kernel_size=3, dilation=1, act=True):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation,
                               bias=False)
         self.bn = nn.BatchNorm2d(cout)
-        self.activate = nn.ReLU(inplace=True)
+        self.activate = nn.ReLU(inplace=True) if act else nn.Identity()
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
@@ -105,9 +106,10 @@ class ConvNorm(nn.Conv2d):
 
 
 class FPNDecoder(nn.Module):
-    """Detectron2 FPN without top block: lateral 1x1 conv+BN to 256 for c2..c5, top-down nearest x2 and sum,
-    3x3 conv+BN outputs. Returns {"p2": (B,256,H/4,W/4), ..., "p5": (B,256,H/32,W/32)}, or only p2 when
-    `deep_supervision` is off (DeCon-SL keeps only `fpn_output2`, like the authors' code).
+    """Detectron2 FPN without top block: lateral 1x1 conv+BN to 256 for c2..c5, top-down nearest upsampling to the
+    next level's size and sum (x2 where the sides are multiples of 32, as Detectron2 pads them; other sides as mmseg
+    and torchvision round them), 3x3 conv+BN outputs. Returns {"p2": (B,256,H/4,W/4), ..., "p5": (B,256,H/32,W/32)},
+    or only p2 when `deep_supervision` is off (DeCon-SL keeps only `fpn_output2`, like the authors' code).
 
     Skip channel dropout (DeCon-ML, paper Sec. 3.2 "Channel dropout"): Dropout2d(p) on the skip paths of levels
     2, 3, 4, never on c5 (the main path). As in the authors' code it drops channels of the lateral-conv outputs,
@@ -125,14 +127,20 @@ class FPNDecoder(nn.Module):
             setattr(self, f"fpn_output{s}", ConvNorm(out_channels, out_channels, 3, padding=1))
         self.skip_dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
 
+    def lateral(self, s):  # the 1x1 conv + BN of level s
+        return getattr(self, f"fpn_lateral{s}")
+
+    def output(self, s):  # the 3x3 conv + BN of level s
+        return getattr(self, f"fpn_output{s}")
+
     def forward(self, feats):
-        prev = self.fpn_lateral5(feats[3])
-        out = {"p5": self.fpn_output5(prev)} if 5 in self.levels else {}
-        for s in (4, 3, 2):  # top-down
-            skip = self.skip_dropout(getattr(self, f"fpn_lateral{s}")(feats[s - 2]))
-            prev = skip + F.interpolate(prev, scale_factor=2.0, mode="nearest")
+        prev = self.lateral(5)(feats[3])
+        out = {"p5": self.output(5)(prev)} if 5 in self.levels else {}
+        for s in (4, 3, 2):  # top-down: nearest upsampling to the skip's size (x2 on sides that are multiples of 32)
+            skip = self.skip_dropout(self.lateral(s)(feats[s - 2]))
+            prev = skip + F.interpolate(prev, size=skip.shape[-2:], mode="nearest")
             if s in self.levels:
-                out[f"p{s}"] = getattr(self, f"fpn_output{s}")(prev)
+                out[f"p{s}"] = self.output(s)(prev)
         return out
 
 
@@ -402,34 +410,83 @@ class FCNHead(FCNDecoder):
         return self.conv_seg(super().forward(feats)["fcn"])
 
 
-class FPNHead(FPNDecoder):
-    """The pre-trainable FPN with all four outputs (`fpn_lateral*`, `fpn_output*`) + a light Semantic-FPN merge:
-    each p_s through a 3x3 conv-BN-ReLU to `merge_channels`, upsampled bilinearly to p2's size, summed, then the
-    1x1 classifier `conv_seg`. The merge convs put a non-linearity after the FPN's linear conv+BN outputs.
-    (c2, c3, c4, c5) -> (B, K, H/4, W/4)."""
+class FPNNeck(FPNDecoder):
+    """mmseg's FPN neck as convert.py's printed config builds it (`norm_cfg` BN, `num_outs=4`): FPNDecoder's function
+    under mmseg's names, `lateral_convs.{s-2}` and `fpn_convs.{s-2}` (ConvModules without activation: `conv`,
+    `bn`), with the neck's Xavier-uniform init of the convs where nothing is transferred. weights.mmseg_neck_key
+    renames a pre-trained FPNDecoder onto it. (c2, c3, c4, c5) -> {"p2": ..., "p5": ...}."""
 
-    def __init__(self, in_channels, num_classes, channels=256, merge_channels=128):
-        super().__init__(in_channels, channels, deep_supervision=True)
-        self.scale_heads = nn.ModuleList(ConvModule(channels, merge_channels, 3) for _ in range(4))
-        self.conv_seg = nn.Conv2d(merge_channels, num_classes, 1)
-        nn.init.normal_(self.conv_seg.weight, std=0.01)
+    def __init__(self, in_channels, out_channels=256):
+        nn.Module.__init__(self)  # FPNDecoder's forward, not its Detectron2-named modules
+        self.levels = (2, 3, 4, 5)
+        self.lateral_convs = nn.ModuleList(ConvModule(cin, out_channels, 1, act=False) for cin in in_channels)
+        self.fpn_convs = nn.ModuleList(ConvModule(out_channels, out_channels, 3, act=False) for _ in in_channels)
+        self.skip_dropout = nn.Identity()
+        for m in (*self.lateral_convs, *self.fpn_convs):
+            nn.init.xavier_uniform_(m.conv.weight)
+
+    def lateral(self, s):
+        return self.lateral_convs[s - 2]
+
+    def output(self, s):
+        return self.fpn_convs[s - 2]
+
+
+class Upsample2x(nn.Module):
+    """mmseg's Upsample(scale_factor=2, mode='bilinear'): bilinear to twice the input's sides."""
+
+    def __init__(self, align_corners=False):
+        super().__init__()
+        self.align_corners = align_corners
+
+    def forward(self, x):
+        return F.interpolate(x, size=(2 * x.shape[-2], 2 * x.shape[-1]), mode="bilinear",
+                             align_corners=self.align_corners)
+
+
+class FPNHead(nn.Module):
+    """mmseg's FPNHead (Semantic FPN, Kirillov et al. 2019) as mmseg's fpn_r50.py sets it: per level a chain of
+    3x3 conv-BN-ReLU (128 channels) stages, each followed by a bilinear x2 upsampling except at p2: one stage for
+    p2 and p3, two for p4, three for p5, so that every chain ends at p2's stride; the chains' outputs are summed
+    (each resized bilinearly to p2's size first), then Dropout2d(0.1) and the 1x1 classifier `conv_seg`. mmseg's
+    names: `scale_heads.{level}.{index}` (the Upsample2x modules take the odd indices), `conv_seg`.
+    [p2, p3, p4, p5] -> (B, K, H/4, W/4)."""
+
+    def __init__(self, num_classes, in_channels=256, channels=128, dropout=0.1, align_corners=False):
+        super().__init__()
+        self.align_corners = align_corners
+        self.scale_heads = nn.ModuleList()
+        for level in range(4):  # strides 4, 8, 16, 32: max(1, log2(stride / 4)) stages
+            stages = []
+            for k in range(max(1, level)):
+                stages.append(ConvModule(in_channels if k == 0 else channels, channels, 3))
+                if level > 0:
+                    stages.append(Upsample2x(align_corners))
+            self.scale_heads.append(nn.Sequential(*stages))
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        nn.init.normal_(self.conv_seg.weight, std=0.01)  # mmseg's classifier init
         nn.init.zeros_(self.conv_seg.bias)
 
-    def forward(self, feats):
-        p = super().forward(feats)
-        size = p["p2"].shape[-2:]
-        merged = sum(F.interpolate(head(p[f"p{s}"]), size=size, mode="bilinear", align_corners=False)
-                     for s, head in zip((2, 3, 4, 5), self.scale_heads))
-        return self.conv_seg(merged)
+    def forward(self, p):
+        out = self.scale_heads[0](p[0])
+        for head, x in zip(self.scale_heads[1:], p[1:]):
+            x = head(x)
+            if x.shape[-2:] != out.shape[-2:]:  # sides that are not multiples of 32
+                x = F.interpolate(x, size=out.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+            out = out + x
+        return self.conv_seg(self.dropout(out))
 
 
 class Segmenter(nn.Module):
-    """ResNet encoder + FCN or FPN head: (B, 3, H, W) -> logits (B, K, H, W), upsampled bilinearly.
+    """mmseg's EncoderDecoder as the paper fine-tunes it: (B, 3, H, W) -> logits (B, K, H, W), upsampled bilinearly.
 
-    FCN on ResNet-50 runs on a dilated c5 (output stride 16), as the fcn_d6_r50-d16 configs of MoCo and SlotCon;
-    torchvision's BasicBlock cannot dilate, so ResNet-18/34 keep stride 32. Dilation changes no parameter shape,
-    so the pre-trained (stride-32) weights load unchanged. `align_corners` is that of the final upsampling (the
-    VOC and Cityscapes configs use True).
+    `fcn`: ResNet `backbone` + FCNHead `decode_head`. On ResNet-50 it runs on a dilated c5 (output stride 16), as
+    the fcn_d6_r50-d16 configs of MoCo and SlotCon; torchvision's BasicBlock cannot dilate, so ResNet-18/34 keep
+    stride 32. Dilation changes no parameter shape, so the pre-trained (stride-32) weights load unchanged.
+    `fpn`: ResNet `backbone` + FPN `neck` + Semantic-FPN `decode_head` (mmseg's fpn_r50.py with a BN neck).
+    The parameter names are mmseg's, so a fine-tuned state dict is the one convert.py's printed config loads.
+    `align_corners` is that of every bilinear resize (mmseg's decode_head.align_corners; VOC and Cityscapes: True).
     """
 
     def __init__(self, arch="resnet50", decoder="fcn", num_classes=21, align_corners=False):
@@ -443,17 +500,20 @@ class Segmenter(nn.Module):
         self.output_stride = 16 if dilate else 32
         self.backbone = Backbone(arch, dilate_c5=dilate)
         c = self.backbone.channels
-        self.decode_head = FCNHead(c[3], num_classes) if decoder == "fcn" else FPNHead(c, num_classes)
+        if decoder == "fcn":
+            self.decode_head = FCNHead(c[3], num_classes)
+        else:
+            self.neck = FPNNeck(c)
+            self.decode_head = FPNHead(num_classes, align_corners=align_corners)
 
     def forward(self, x):
-        h, w = x.shape[-2:]
-        pad_h, pad_w = (-h % 32, -w % 32) if self.decoder == "fpn" else (0, 0)
-        if pad_h or pad_w:  # the FPN's x2 top-down upsampling needs sides that are multiples of 32
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        logits = self.decode_head(self.backbone(x))
-        logits = F.interpolate(logits.float(), size=(h + pad_h, w + pad_w), mode="bilinear",
-                               align_corners=self.align_corners)
-        return logits[..., :h, :w]
+        feats = self.backbone(x)
+        if self.decoder == "fpn":
+            p = self.neck(feats)
+            logits = self.decode_head([p["p2"], p["p3"], p["p4"], p["p5"]])
+        else:
+            logits = self.decode_head(feats)
+        return F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=self.align_corners)
 
 
 def count_parameters(module):

@@ -30,18 +30,24 @@ CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "
 # labelIds of the 19 evaluated classes, in trainId order (cityscapesScripts' labels.py); every other id -> ignore
 CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 
-# Classes and geometry of each dataset, as in the mmseg pipelines the paper follows (docs/DATASETS.md): images are
-# rescaled by min(base_size / short side, max_size / long side) (mmcv's keep-ratio rule; None: no bound), at training
-# before the random ratio, at test before inference; the metric is computed at native size. `regions`: class unions
-# reported with IoU and Dice (REFUGE's optic disc is rim + cup).
+# Classes and geometry of each dataset (docs/DATASETS.md names the source of every value). `scale` and
+# `test_scale` are mmseg's `scale` pairs for the training rescale (before its random ratio) and the test rescale:
+# with `keep_ratio` an image is scaled by min(max(scale) / long side, min(scale) / short side), without it it becomes
+# scale[0] x scale[1]; None: native size. The metric is computed at native size. `regions`: class unions reported
+# with IoU and Dice (REFUGE's optic disc is rim + cup).
+NATIVE = dict(scale=None, test_scale=None, keep_ratio=True, mode="whole", stride=None)
 DATASETS = {
-    "synthetic": dict(classes=SYNTHETIC_CLASS_NAMES, base_size=None, max_size=None, mode="whole", stride=None),
-    "voc": dict(classes=VOC_CLASSES, base_size=513, max_size=2049, mode="whole", stride=None),
-    "cityscapes": dict(classes=CITYSCAPES_CLASSES, base_size=1025, max_size=2049, mode="slide", stride=513),
-    "isic2017": dict(classes=("background", "lesion"), base_size=512, max_size=None, mode="whole", stride=None),
-    "refuge": dict(classes=("background", "optic disc rim", "optic cup"), base_size=512, max_size=None, mode="whole",
-                   stride=None, regions={"optic disc": (1, 2), "optic cup": (2,)}),
-    "folder": dict(classes=None, base_size=None, max_size=None, mode="whole", stride=None),
+    "synthetic": dict(classes=SYNTHETIC_CLASS_NAMES, **NATIVE),
+    "voc": dict(classes=VOC_CLASSES, scale=(2049, 513), test_scale=(2049, 513), keep_ratio=True, mode="whole",
+                stride=None),
+    "cityscapes": dict(classes=CITYSCAPES_CLASSES, scale=(2049, 1025), test_scale=(2049, 1025), keep_ratio=True,
+                       mode="slide", stride=513),
+    "isic2017": dict(classes=("background", "lesion"), scale=(512, 512), test_scale=(512, 512), keep_ratio=False,
+                     mode="whole", stride=None),
+    "refuge": dict(classes=("background", "optic disc rim", "optic cup"), scale=(2056, 2124),
+                   test_scale=(1634, 1634), keep_ratio=True, mode="whole", stride=None,
+                   regions={"optic disc": (1, 2), "optic cup": (2,)}),
+    "folder": dict(classes=None, **NATIVE),
 }
 SYNTHETIC_SPLIT_SEEDS = {"train": 100, "val": 101, "test": 102}  # pretrain.py's scenes use --seed (0)
 TEST_IS_VAL = ("voc", "cityscapes")  # no public test labels: the paper reports val2012 and val.fine
@@ -389,26 +395,74 @@ class Transformed(torch.utils.data.Dataset):
         return self.transform(*self.dataset[self.indices[i]])
 
 
-def rescaled_size(w, h, base_size=None, max_size=None, ratio=1.0):
-    """(w, h) scaled by ratio * min(base_size / short side, max_size / long side), mmcv's keep-ratio rule (a bound
-    that is None is no bound), sides rounded as mmcv does."""
-    bounds = [b / side for b, side in ((base_size, min(w, h)), (max_size, max(w, h))) if b]
-    s = ratio * (min(bounds) if bounds else 1.0)
-    return max(1, int(w * s + 0.5)), max(1, int(h * s + 0.5))
+# ---------------------------------------------------------------- mmcv's resizing, with cv2's rules, in numpy
+
+def rescaled_size(w, h, scale=None, ratio=1.0, keep_ratio=True):
+    """(w, h) after mmcv's RandomResize + Resize: the `scale` pair times `ratio`, each side truncated; with
+    `keep_ratio` the image is scaled by f = min(max(pair) / long side, min(pair) / short side) and its sides
+    rounded, int(side * f + 0.5) (mmcv's rescale_size); without it, it becomes pair[0] x pair[1]. `scale` None:
+    the native size times `ratio`."""
+    if scale is None:
+        return max(1, int(w * ratio + 0.5)), max(1, int(h * ratio + 0.5))
+    a, b = int(scale[0] * ratio), int(scale[1] * ratio)
+    if not keep_ratio:
+        return max(1, a), max(1, b)
+    f = min(max(a, b) / max(w, h), min(a, b) / min(w, h))
+    return max(1, int(w * f + 0.5)), max(1, int(h * f + 0.5))
+
+
+def nearest_taps(n_in, n_out, start, stop):
+    """Source indices of outputs start..stop-1 of a side resized n_in -> n_out, cv2's INTER_NEAREST:
+    floor(i / (n_out / n_in)), at most n_in - 1."""
+    return np.minimum(np.floor(np.arange(start, stop) * (1.0 / (n_out / n_in))).astype(np.int64), n_in - 1)
+
+
+def linear_taps(n_in, n_out, start, stop):
+    """(i0, i1, w0, w1) of outputs start..stop-1 of a side resized n_in -> n_out, cv2's INTER_LINEAR: the source
+    position (i + 0.5) * n_in / n_out - 0.5 in float32, clamped to the first and last pixel, weights in 1/2048."""
+    f = ((np.arange(start, stop) + 0.5) * (1.0 / (n_out / n_in)) - 0.5).astype(np.float32)
+    i0 = np.floor(f).astype(np.int64)
+    f = f - i0.astype(np.float32)
+    f[i0 < 0], i0[i0 < 0] = 0, 0
+    f[i0 >= n_in - 1], i0[i0 >= n_in - 1] = 0, n_in - 1
+    w1 = np.rint(f * np.float32(2048)).astype(np.int64)
+    w0 = np.rint((np.float32(1) - f) * np.float32(2048)).astype(np.int64)
+    return i0, np.minimum(i0 + 1, n_in - 1), w0, w1
+
+
+def resize_window(array, size, box=None, mode="bilinear"):
+    """The window `box` = (left, top, right, bottom) (default: all) of the (H, W[, C]) uint8 `array` resized to
+    `size` = (w, h) as mmcv resizes with cv2: 'nearest' (masks) or 'bilinear' (images: a horizontal pass in
+    integers, then the vertical pass in cv2's fixed point, ((r0 >> 4) * w0 >> 16) + ((r1 >> 4) * w1 >> 16) + 2 >> 2).
+    Only the window is computed, so a crop of a large rescale costs what the crop costs."""
+    h_in, w_in = array.shape[:2]
+    left, top, right, bottom = box or (0, 0, *size)
+    if (w_in, h_in) == tuple(size):
+        return array[top:bottom, left:right].copy()
+    if mode == "nearest":
+        rows, cols = nearest_taps(h_in, size[1], top, bottom), nearest_taps(w_in, size[0], left, right)
+        return array[rows[:, None], cols]
+    y0, y1, v0, v1 = linear_taps(h_in, size[1], top, bottom)
+    x0, x1, u0, u1 = linear_taps(w_in, size[0], left, right)
+    extra = (None,) * (array.ndim - 2)
+    u0, u1 = u0[(slice(None), *extra)], u1[(slice(None), *extra)]
+    rows = lambda y: array[y][:, x0].astype(np.int64) * u0 + array[y][:, x1].astype(np.int64) * u1
+    v0, v1 = v0[(slice(None), None, *extra)], v1[(slice(None), None, *extra)]
+    out = (((rows(y0) >> 4) * v0 >> 16) + ((rows(y1) >> 4) * v1 >> 16) + 2) >> 2
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 class EvalTransform:
-    """Test pipeline: image rescaled (`rescale`: short side to `base_size`, long side at most `max_size`),
-    normalized -> (3, h, w); the mask stays at native size -> (H, W) int64, as mmseg scores predictions resized
-    back to the original."""
+    """Test pipeline (mmseg's Resize(test_scale, keep_ratio)): the image rescaled, normalized -> (3, h, w); the mask
+    stays at native size -> (H, W) int64, as mmseg scores predictions resized back to the original."""
 
-    def __init__(self, base_size=None, max_size=None):
-        self.base_size, self.max_size = base_size, max_size
+    def __init__(self, scale=None, keep_ratio=True):
+        self.scale, self.keep_ratio = scale, keep_ratio
 
     def __call__(self, image, mask):
-        size = rescaled_size(*image.size, self.base_size, self.max_size)
-        image = image.resize(size, Image.BILINEAR) if size != image.size else image
-        return to_tensor(image), torch.from_numpy(np.asarray(mask, dtype=np.int64))
+        size = rescaled_size(*image.size, self.scale, 1.0, self.keep_ratio)
+        x = resize_window(np.asarray(image), size)
+        return to_tensor(x), torch.from_numpy(np.asarray(mask, dtype=np.int64))
 
 
 # ---------------------------------------------------------------- fine-tuning: label fractions, sampling, crops
@@ -441,24 +495,109 @@ class IterationSampler(torch.utils.data.Sampler):
         return iter(stream.view(self.iters, self.world, self.batch)[:, self.rank].flatten().tolist())
 
 
+# ---------------------------------------------------------------- the training pipeline
+
+def crop_box(w, h, crop, rng, window_ids=None, cat_max_ratio=1.0):
+    """mmseg's RandomCrop window (left, top, right, bottom) in a w x h image: top ~ randint(0, h - crop + 1), then
+    left alike (0 where the side is shorter than the crop). With cat_max_ratio < 1 the window is drawn again, up to
+    10 times, until its labels (`window_ids(box)`, 255 left out) hold two classes or more and none of them covers
+    `cat_max_ratio` of it or more; the 11th draw is kept unchecked."""
+    def draw():
+        top, left = rng.randint(0, max(h - crop, 0) + 1), rng.randint(0, max(w - crop, 0) + 1)
+        return left, top, min(left + crop, w), min(top + crop, h)
+    box = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(10):
+            ids, counts = np.unique(window_ids(box), return_counts=True)
+            counts = counts[ids != IGNORE_INDEX]
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            box = draw()
+    return box
+
+
+def rgb_to_hsv(rgb):
+    """(..., 3) uint8 RGB -> uint8 HSV with H in 0..179, OpenCV's COLOR_RGB2HSV (12-bit fixed point)."""
+    r, g, b = (rgb[..., i].astype(np.int64) for i in range(3))
+    v, diff = np.maximum(np.maximum(r, g), b), np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    table = lambda num, den: np.where(den > 0, np.rint(num / np.maximum(den, 1)), 0).astype(np.int64)
+    s = (diff * table(255 << 12, v.astype(np.float64)) + (1 << 11)) >> 12
+    h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * table(180 << 12, 6.0 * diff) + (1 << 11)) >> 12
+    return np.stack([h + 180 * (h < 0), s, v], -1).astype(np.uint8)
+
+
+def hsv_to_rgb(hsv):
+    """(..., 3) uint8 HSV (H in 0..179) -> uint8 RGB, OpenCV's COLOR_HSV2RGB as its vector code computes it:
+    float32, 1 - s * f fused (one rounding, as an FMA instruction does; the exact float64 product rounded once),
+    truncated to uint8. OpenCV's scalar code, which converts the last pixels of a row whose width is not a multiple
+    of the vector width (16, 32 or 64 pixels, by CPU), rounds instead."""
+    f32, one = np.float32, np.float32(1)
+    h = hsv[..., 0].astype(f32) * (f32(6) / f32(180))
+    s, v = (hsv[..., i].astype(f32) * (one / f32(255)) for i in (1, 2))
+    sector = np.floor(h).astype(np.int64)
+    f = h - sector.astype(f32)
+    fused = lambda a, b: (1.0 - a.astype(np.float64) * b.astype(np.float64)).astype(f32)  # fma(-a, b, 1)
+    tab = np.stack([v, v * (one - s), v * fused(s, f), v * fused(s, one - f)], -1)
+    order = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])  # (r, g, b) per sector
+    rgb = np.take_along_axis(tab, order[sector], -1)
+    return np.clip(rgb * f32(255), 0, 255).astype(np.uint8)
+
+
+def photometric_distortion(image, rng, brightness=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=18):
+    """mmseg's PhotoMetricDistortion on an (H, W, 3) uint8 RGB array, with its draws in its order: each step
+    applies with p = 0.5: brightness + U(-32, 32); contrast x U(0.5, 1.5), either second or last (p = 0.5);
+    saturation x U(0.5, 1.5) in HSV; hue + randint(-18, 18) (mod 180). Each step clips to 0..255 and truncates to
+    uint8, as mmseg does."""
+    def convert(x, alpha=1.0, beta=0.0):
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def adjust_contrast(x):
+        return convert(x, alpha=rng.uniform(*contrast)) if rng.randint(2) else x
+
+    if rng.randint(2):
+        image = convert(image, beta=rng.uniform(-brightness, brightness))
+    contrast_first = rng.randint(2)
+    if contrast_first:
+        image = adjust_contrast(image)
+    if rng.randint(2):
+        hsv = rgb_to_hsv(image)
+        hsv[..., 1] = convert(hsv[..., 1], alpha=rng.uniform(*saturation))
+        image = hsv_to_rgb(hsv)
+    if rng.randint(2):
+        hsv = rgb_to_hsv(image)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.randint(-hue, hue)) % 180
+        image = hsv_to_rgb(hsv)
+    if not contrast_first:
+        image = adjust_contrast(image)
+    return image
+
+
 class TrainTransform:
-    """mmseg's training pipeline as the paper's configs set it (no photometric distortion, no cat_max_ratio):
-    rescale (`rescaled_size` with a ratio ~ U(scale_range)), a random crop x crop window, horizontal flip with
-    p = 0.5, then padding bottom-right where the image is smaller than the crop (image with 0 = the mean colour
-    after normalization, mask with 255).
-    (PIL image, (H, W) ids) -> (3, crop, crop) float, (crop, crop) int64. Draws from python `random`."""
+    """mmseg's training pipeline, its steps and random draws in its order: RandomResize(scale, ratio_range,
+    keep_ratio) (`rescaled_size`, cv2's bilinear / nearest), RandomCrop(crop, cat_max_ratio) (`crop_box`),
+    RandomFlip(0.5), PhotoMetricDistortion when `photometric`, then the SegDataPreProcessor's padding bottom-right
+    to crop x crop where the image is smaller (image 0 after normalization, i.e. the mean colour; mask 255).
+    (PIL image, (H, W) ids) -> (3, crop, crop) float, (crop, crop) int64. The draws come from `rng`, by default a
+    numpy RandomState seeded by python `random` (which SeededAugment seeds per sample)."""
 
-    def __init__(self, crop_size, base_size=None, scale_range=(0.5, 2.0), max_size=None):
-        self.crop, self.base_size, self.max_size, self.scale_range = crop_size, base_size, max_size, scale_range
+    def __init__(self, crop_size, scale=None, scale_range=(0.5, 2.0), keep_ratio=True, cat_max_ratio=1.0,
+                 photometric=False):
+        self.crop, self.scale, self.scale_range, self.keep_ratio = crop_size, scale, scale_range, keep_ratio
+        self.cat_max_ratio, self.photometric = cat_max_ratio, photometric
 
-    def __call__(self, image, mask):
-        w, h = rescaled_size(*image.size, self.base_size, self.max_size, random.uniform(*self.scale_range))
-        image, mask = image.resize((w, h), Image.BILINEAR), Image.fromarray(mask).resize((w, h), Image.NEAREST)
-        left, top = random.randint(0, max(w - self.crop, 0)), random.randint(0, max(h - self.crop, 0))
-        box = (left, top, left + min(self.crop, w), top + min(self.crop, h))  # inside the image: PIL pads with 0
-        x = to_tensor(image.crop(box))
-        y = torch.from_numpy(np.asarray(mask.crop(box), dtype=np.int64))
-        if random.random() < 0.5:
-            x, y = x.flip(-1), y.flip(-1)
-        pad = (0, self.crop - x.shape[2], 0, self.crop - x.shape[1])  # after the flip, as mmseg's Pad comes last
+    def __call__(self, image, mask, rng=None):
+        rng = rng or np.random.RandomState(random.getrandbits(32))
+        lo, hi = self.scale_range
+        size = rescaled_size(*image.size, self.scale, rng.random_sample() * (hi - lo) + lo, self.keep_ratio)
+        mask = np.asarray(mask)
+        window = lambda box: resize_window(mask, size, box, "nearest")
+        box = crop_box(*size, self.crop, rng, window, self.cat_max_ratio)
+        x, y = resize_window(np.asarray(image), size, box), window(box)
+        if rng.random_sample() < 0.5:
+            x, y = x[:, ::-1], y[:, ::-1]
+        if self.photometric:
+            x = photometric_distortion(np.ascontiguousarray(x), rng)
+        x, y = to_tensor(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64))
+        pad = (0, self.crop - x.shape[2], 0, self.crop - x.shape[1])
         return F.pad(x, pad).contiguous(), F.pad(y, pad, value=IGNORE_INDEX).contiguous()

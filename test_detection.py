@@ -365,6 +365,43 @@ def test_transferred_encoder_and_fpn_give_our_p2_to_p5(tmp_path):
     assert torch.equal(theirs["pool"], F.max_pool2d(theirs["3"], 1, 2))
 
 
+def test_rpn_head_is_detectron2s_standard_head_with_one_conv():
+    """Detectron2's StandardRPNHead (RPN.CONV_DIMS [-1]): one 3x3 conv with bias + ReLU shared by the levels, then
+    1x1 objectness (A = 3 anchors per position) and 1x1 box deltas (4A), all N(0, 0.01) with zero bias."""
+    torch.manual_seed(0)
+    head = detection.build_detector("resnet18", num_classes=3, kind="faster").rpn.head
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.kernel_size, c.in_channels, c.out_channels) for c in convs] == \
+        [((3, 3), 256, 256), ((1, 1), 256, 3), ((1, 1), 256, 12)]
+    for c in convs:
+        assert abs(c.weight.std().item() - 0.01) < 1e-3 and not c.bias.any()
+    conv, cls, box = convs
+    for c in convs:  # non-zero biases, so that the check below sees them
+        nn.init.uniform_(c.bias, -0.1, 0.1)
+    feats = [torch.randn(2, 256, 16, 20), torch.randn(2, 256, 8, 10)]
+    logits, deltas = head(feats)
+    for x, lo, de in zip(feats, logits, deltas):
+        t = F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1))
+        torch.testing.assert_close(lo, F.conv2d(t, cls.weight, cls.bias))
+        torch.testing.assert_close(de, F.conv2d(t, box.weight, box.bias))
+
+
+def test_roi_heads_start_as_detectron2s():
+    """Detectron2's init where torchvision's differs: box head fc c2_xavier_fill (Kaiming uniform, a = 1: bound
+    sqrt(3 / fan_in)), class scores N(0, 0.01), box deltas N(0, 0.001), mask logits N(0, 0.001), biases 0; the
+    convs Kaiming normal (fan out) in both."""
+    torch.manual_seed(0)
+    roi = detection.build_detector("resnet18", num_classes=5, kind="mask").roi_heads
+    fc = [m for m in roi.box_head.modules() if isinstance(m, nn.Linear)]
+    assert len(fc) == 1 and fc[0].weight.shape == (1024, 256 * 7 * 7) and not fc[0].bias.any()
+    bound = (3 / fc[0].in_features) ** 0.5
+    assert fc[0].weight.abs().max() <= bound and fc[0].weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.01)
+    for layer, std in ((roi.box_predictor.cls_score, 0.01), (roi.box_predictor.bbox_pred, 0.001),
+                       (roi.mask_predictor.mask_fcn_logits, 0.001)):
+        assert layer.weight.std().item() == pytest.approx(std, rel=0.15) and not layer.bias.any()
+        assert abs(layer.weight.mean().item()) < std / 3
+
+
 def test_the_transfer_log_says_what_is_loaded_and_what_stays_random(tmp_path):
     """The log lines of each case, and the FPN blocks whose tensors the transfer changed (torchvision's names)."""
     lateral = "fpn_lateral2, fpn_lateral3, fpn_lateral4, fpn_lateral5"

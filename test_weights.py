@@ -484,6 +484,50 @@ def test_mmseg_config_builds_and_loads_every_exported_tensor(ckpts, tmp_path, na
     assert f"load_from = '{prefix}_full.pth'" in text
 
 
+@pytest.mark.parametrize("name,dataset", [("r18_fpn_sl", "voc"), ("r50_fpn", "refuge"), ("r18_fcn", "isic2017"),
+                                          ("r50_fcn", "cityscapes")])
+def test_real_mmseg_builds_the_printed_config_into_our_finetuning_network(ckpts, tmp_path, mmseg, name, dataset):
+    """mmsegmentation 1.2.2 builds the config convert.py prints (SyncBN -> BN: one CPU process), and its init_cfg
+    loads the exported files: the pre-trained tensors equal what finetune_seg.py transfers into models.Segmenter;
+    the two state dicts have the same names, so mmseg loads the fine-tuning network's strictly; and on the same
+    weights (BN statistics made non-trivial) both give the same logits, on sides that are not multiples of 32
+    too."""
+    from mmseg.registry import MODELS
+    from models import Segmenter
+    from weights import read_pretrained, transfer_segmenter
+    prefix = tmp_path / name
+    config = mmseg_printed_model(run("--checkpoint", ckpts[name], "--to", "mmseg", "--output", prefix,
+                                     "--dataset", dataset).replace("SyncBN", "BN"))
+    reference = MODELS.build(config)
+    reference.init_weights()
+    head = config["decode_head"]
+    ours = Segmenter("resnet%d" % config["backbone"]["depth"], "fpn" if "neck" in config else "fcn",
+                     head["num_classes"], head["align_corners"])
+    transfer_segmenter(ours, read_pretrained([ckpts[name]]), "encoder+decoder")
+    mine, theirs = ours.state_dict(), reference.state_dict()
+    assert set(mine) == set(theirs)
+    exported = torch.load(f"{prefix}_full.pth", weights_only=True)["state_dict"]
+    assert len(exported) > 100 and all(torch.equal(mine[k], theirs[k]) for k in exported)
+    torch.manual_seed(0)
+    for m in ours.modules():  # the fake checkpoint's N(0, 1) weights, scaled so that 50 layers stay finite
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.data /= m.weight[0].numel() ** 0.5
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.1, 0.1)
+    ours.decode_head.conv_seg.weight.data.normal_()  # logits of order 1, so that atol 1e-5 means something
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    ours.eval(), reference.eval()
+    for shape in ((2, 3, 64, 96), (1, 3, 70, 101)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            expected = reference.encode_decode(x, [dict(img_shape=shape[-2:])] * shape[0])
+            got = ours(x)
+        assert got.shape == expected.shape == (shape[0], head["num_classes"], *shape[-2:])
+        assert expected.std() > 0.1  # logits that vary, not a constant both sides could agree on
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_detectron2_overrides_yaml_and_docs_are_one_and_the_same(ckpts, tmp_path):
     out = tmp_path / "decon_r50.pkl"
     text = run("--checkpoint", ckpts["r50_fpn"], "--to", "detectron2", "--output", out)

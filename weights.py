@@ -69,8 +69,8 @@ def torchvision_fpn_key(name):
     """Our FPN key (Detectron2's) -> the key of torchvision's FeaturePyramidNetwork built with norm_layer, levels
     numbered from c2: fpn_lateral{s}.weight -> inner_blocks.{s-2}.0.weight, fpn_lateral{s}.norm.X ->
     inner_blocks.{s-2}.1.X, and fpn_output{s} -> layer_blocks.{s-2}.{0,1} alike. The two networks compute the same
-    p2..p5 (1x1 lateral conv + BN, nearest top-down upsampling and sum, 3x3 output conv + BN) on inputs whose sides
-    are multiples of 32, which the detector pads its images to; torchvision adds the parameter-free p6 (max-pool)."""
+    p2..p5 (1x1 lateral conv + BN, nearest top-down upsampling to the next level's size and sum, 3x3 output conv +
+    BN); torchvision adds the parameter-free p6 (max-pool)."""
     m = re.fullmatch(r"fpn_(lateral|output)([2-5])\.(weight|norm\.\w+)", name)
     if m is None:
         raise ValueError(f"unexpected FPN decoder key {name!r}")
@@ -237,8 +237,9 @@ def load_into(module, state, what):
 
 def transfer_segmenter(model, pretrained, mode="encoder"):
     """Copy pre-trained tensors into a Segmenter: the encoder always; with mode 'encoder+decoder' the decoder too,
-    when its kind is the model's (heterogeneous decoders, Table 5, transfer the encoder only). The classifier
-    (and the FPN merge) always start from scratch. Returns log lines saying what was loaded and what was not."""
+    when its kind is the model's (heterogeneous decoders, Table 5, transfer the encoder only): the FCN body into
+    `decode_head.convs`, the FPN into `neck` (renamed by mmseg_neck_key). The classifier and the Semantic-FPN head
+    always start from scratch. Returns log lines saying what was loaded and what was not."""
     missing = load_into(model.backbone, pretrained["encoder"], f"encoder weights for {model.arch}")
     if missing:
         raise ValueError(f"encoder weights for {model.arch}: missing {', '.join(missing[:3])}")
@@ -249,10 +250,17 @@ def transfer_segmenter(model, pretrained, mode="encoder"):
     if kind != model.decoder:
         return notes + [f"decoder: random init; heterogeneous decoders (pre-trained {kind}, fine-tuned "
                         f"{model.decoder}) transfer the encoder only"]
-    missing = load_into(model.decode_head, pretrained["decoder"], f"{kind} decoder weights")
-    fresh = sorted({k.split(".")[0] for k in missing})  # module names: conv_seg, scale_heads, fpn_output3, ...
-    note = f"decoder: {len(pretrained['decoder'])} pre-trained tensors; random init: {', '.join(fresh)}"
-    if any(name.startswith("fpn_output") for name in fresh):
+    if kind == "fpn":
+        missing = load_into(model.neck, {mmseg_neck_key(k): v for k, v in pretrained["decoder"].items()},
+                            "fpn decoder weights")
+        fresh = sorted({"neck." + ".".join(k.split(".")[:2]) for k in missing}) + ["decode_head"]  # neck.fpn_convs.1
+        where = "neck"
+    else:
+        missing = load_into(model.decode_head, pretrained["decoder"], "fcn decoder weights")
+        fresh = sorted({"decode_head." + k.split(".")[0] for k in missing})  # decode_head.conv_seg
+        where = "decode_head.convs"
+    note = f"decoder -> {where}: {len(pretrained['decoder'])} pre-trained tensors; random init: {', '.join(fresh)}"
+    if any(name.startswith("neck.fpn_convs") for name in fresh):
         note += " (FPN pre-trained without deep supervision: only fpn_output2 exists)"
     return notes + [note]
 

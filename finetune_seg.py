@@ -7,12 +7,13 @@ pre-trained encoder and decoder, on a fraction of the labels, and report mIoU ov
     torchrun --nproc_per_node 4 finetune_seg.py --pretrained output/last.pt --dataset refuge \
         --data-root data/REFUGE --fraction 0.05 --seeds 0 1 2
 
-Training is mmseg 0.30's, which the paper used, with each dataset's recipe as the default (docs/DATASETS.md):
-VOC and Cityscapes as SlotCon's fcn_d6_r50-d16 configs (SGD lr 0.003 / 0.01, weight decay 1e-4, step decay x0.1 at
-70 % and 90 % of the iterations, 513 / 769 px crops, align_corners), ISIC and REFUGE as the paper (lr 0.01, poly
-decay with power 0.9, mmseg's weight decay 5e-4). Random rescale 0.5-2, crop, flip; pixel cross-entropy with ignore
-index 255. The segmentation network is in models.py, the datasets in seg_data.py, the transfer in weights.py; the
-metric and inference in eval.py.
+Training is mmseg's, with each dataset's recipe as the default (docs/DATASETS.md): VOC and Cityscapes as SlotCon's
+mmseg 0.30 fcn_d6_r50-d16 configs (SGD lr 0.003 / 0.01, weight decay 1e-4, step decay x0.1 at 70 % and 90 % of the
+iterations, 513 / 769 px crops, align_corners), ISIC and REFUGE with the paper's schedule (lr 0.01, poly decay with
+power 0.9, mmseg's weight decay 5e-4) and mmseg 1.x's pipelines for them (REFUGE: random rescale, crop with
+cat_max_ratio, PhotoMetricDistortion; ISIC: a fixed 512 x 512 resize). Pixel cross-entropy with ignore index 255.
+The segmentation network (mmseg's, parameter names included) is in models.py, the datasets and the training pipeline
+in seg_data.py, the transfer in weights.py; the metric and inference in eval.py.
 """
 import argparse
 import json

@@ -425,8 +425,8 @@ def linear_taps(n_in, n_out, start, stop):
     f = f - i0.astype(np.float32)
     f[i0 < 0], i0[i0 < 0] = 0, 0
     f[i0 >= n_in - 1], i0[i0 >= n_in - 1] = 0, n_in - 1
-    w1 = np.rint(f * np.float32(2048)).astype(np.int64)
-    w0 = np.rint((np.float32(1) - f) * np.float32(2048)).astype(np.int64)
+    w1 = np.rint(f * np.float32(2048)).astype(np.int32)
+    w0 = np.rint((np.float32(1) - f) * np.float32(2048)).astype(np.int32)
     return i0, np.minimum(i0 + 1, n_in - 1), w0, w1
 
 
@@ -446,7 +446,7 @@ def resize_window(array, size, box=None, mode="bilinear"):
     x0, x1, u0, u1 = linear_taps(w_in, size[0], left, right)
     extra = (None,) * (array.ndim - 2)
     u0, u1 = u0[(slice(None), *extra)], u1[(slice(None), *extra)]
-    rows = lambda y: array[y][:, x0].astype(np.int64) * u0 + array[y][:, x1].astype(np.int64) * u1
+    rows = lambda y: array[y][:, x0].astype(np.int32) * u0 + array[y][:, x1].astype(np.int32) * u1
     v0, v1 = v0[(slice(None), None, *extra)], v1[(slice(None), None, *extra)]
     out = (((rows(y0) >> 4) * v0 >> 16) + ((rows(y1) >> 4) * v1 >> 16) + 2) >> 2
     return np.clip(out, 0, 255).astype(np.uint8)

@@ -41,9 +41,12 @@ def mmseg():
             raise AttributeError(name)
         return lambda *args, **kwargs: None
 
-    ext = types.ModuleType("mmcv._ext")
-    ext.__getattr__ = no_op
-    sys.modules.setdefault("mmcv._ext", ext)
+    try:
+        import mmcv._ext  # noqa: F401 (a full mmcv build has the real ops)
+    except ImportError:
+        ext = types.ModuleType("mmcv._ext")
+        ext.__getattr__ = no_op
+        sys.modules["mmcv._ext"] = ext
     import mmseg
     from mmseg.utils import register_all_modules
     register_all_modules()

@@ -27,27 +27,3 @@ def ckpts(tmp_path_factory):
         fake_checkpoint(paths[name], variant, arch)
     return paths
 
-
-@pytest.fixture(scope="session")
-def mmseg():
-    """The real mmsegmentation 1.2.2 (requirements-test.txt), to check our network and pipeline against. It runs on
-    mmcv-lite, the pure-Python mmcv: `mmcv._ext`, the compiled ops, is a stand-in whose functions do nothing; none
-    of what we build (ResNet, FPN, FCNHead, FPNHead, EncoderDecoder, the transforms) calls one."""
-    import sys
-    import types
-
-    def no_op(name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return lambda *args, **kwargs: None
-
-    try:
-        import mmcv._ext  # noqa: F401 (a full mmcv build has the real ops)
-    except ImportError:
-        ext = types.ModuleType("mmcv._ext")
-        ext.__getattr__ = no_op
-        sys.modules["mmcv._ext"] = ext
-    import mmseg
-    from mmseg.utils import register_all_modules
-    register_all_modules()
-    return mmseg

@@ -40,7 +40,7 @@ from weights import pretrained_for, transfer_segmenter
 # fcn_d6_r50-d16_513x513_30k_voc12aug_moco.py and fcn_d6_r50-d16_769x769_90k_cityscapes_moco.py (schedule_30k_moco.py,
 # schedule_90k_moco.py: step decay at 21k/27k and 63k/81k, i.e. 70 % and 90 %); ISIC and REFUGE: the schedule from
 # the paper (Sec. 3.4: 80k / 24k iterations, batch 16, lr 0.01, poly, power 0.9) with mmseg's schedule defaults, the
-# pipeline from mmseg 1.x's configs (REFUGE: configs/_base_/datasets/refuge.py; ISIC 2017: the project config
+# pipeline as mmseg 1.x's configs set it (REFUGE: configs/_base_/datasets/refuge.py; ISIC 2017: the project config
 # isic2017-task1_512x512.py). The rescale scales are seg_data.DATASETS'. A flag left unset takes these.
 POLY = dict(lr=0.01, schedule="poly", weight_decay=5e-4, align_corners=False)
 STEP = dict(schedule="step", step_fractions=(0.7, 0.9), weight_decay=1e-4, align_corners=True)

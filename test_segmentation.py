@@ -490,23 +490,67 @@ def test_resize_and_colour_conversion_are_cv2s():
     hsv = hsv.reshape(-1, 64, 3).astype(np.uint8)  # every hue, a grid of saturations and values
     assert np.array_equal(seg_data.hsv_to_rgb(hsv), cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))
 
-def mmseg_pipeline(mmseg, steps):
-    from mmcv.transforms import Compose
-    return Compose(steps)
+# mmseg 1.x's transforms as a reference written out here from their definitions, the way mmseg runs them: cv2 on BGR
+# arrays, draws from the global np.random stream. Ours runs on RGB, in numpy, from a RandomState.
 
-def test_refuge_training_pipeline_draws_and_crops_as_mmseg(mmseg):
-    """REFUGE's pipeline (mmseg 1.x refuge.py at a smaller scale): RandomResize(0.5-2, keep ratio),
-    RandomCrop(cat_max_ratio 0.75), RandomFlip(0.5), PhotoMetricDistortion, run by the real mmseg with np.random
-    seeded and by ours with a RandomState of the same seed: the same draws, so the same rescale, window and flip
-    (mask: exactly) and the same colours (image: within the resize's one grey level, carried through the
-    distortion)."""
-    from mmcv.transforms import RandomResize
-    from mmseg.datasets.transforms import PhotoMetricDistortion, RandomCrop
-    from mmcv.transforms import RandomFlip
+def reference_photometric(bgr):
+    """mmseg's PhotoMetricDistortion (defaults): brightness, contrast first or last, saturation, hue."""
+    import cv2
+    convert = lambda x, alpha=1.0, beta=0.0: np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def contrast(x):
+        return convert(x, alpha=np.random.uniform(0.5, 1.5)) if np.random.randint(2) else x
+
+    if np.random.randint(2):
+        bgr = convert(bgr, beta=np.random.uniform(-32, 32))
+    mode = np.random.randint(2)
+    if mode == 1:
+        bgr = contrast(bgr)
+    if np.random.randint(2):
+        hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
+        hsv[:, :, 1] = convert(hsv[:, :, 1], alpha=np.random.uniform(0.5, 1.5))
+        bgr = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    if np.random.randint(2):
+        hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
+        hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + np.random.randint(-18, 18)) % 180
+        bgr = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    if mode == 0:
+        bgr = contrast(bgr)
+    return bgr
+
+def reference_pipeline(bgr, seg, scale, crop, cat_max_ratio):
+    """RandomResize(scale, (0.5, 2), keep_ratio) -> RandomCrop(crop, cat_max_ratio) -> RandomFlip(0.5) ->
+    PhotoMetricDistortion, as mmcv / mmseg 1.x define them."""
+    import cv2
+    ratio = np.random.random_sample() * 1.5 + 0.5
+    target = int(scale[0] * ratio), int(scale[1] * ratio)
+    h, w = seg.shape
+    f = min(max(target) / max(h, w), min(target) / min(h, w))
+    size = int(w * f + 0.5), int(h * f + 0.5)
+    bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_LINEAR)
+    seg = cv2.resize(seg, size, interpolation=cv2.INTER_NEAREST)
+
+    def window():
+        top = np.random.randint(0, max(seg.shape[0] - crop, 0) + 1)
+        left = np.random.randint(0, max(seg.shape[1] - crop, 0) + 1)
+        return slice(top, top + crop), slice(left, left + crop)
+    box = window()
+    for _ in range(10):
+        labels, counts = np.unique(seg[box], return_counts=True)
+        counts = counts[labels != IGNORE_INDEX]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+        box = window()
+    bgr, seg = bgr[box], seg[box]
+    if np.random.choice(["horizontal", None], p=[0.5, 0.5]) == "horizontal":
+        bgr, seg = np.flip(bgr, 1), np.flip(seg, 1)
+    return reference_photometric(np.ascontiguousarray(bgr)), seg
+
+def test_refuge_training_pipeline_draws_and_crops_as_mmseg():
+    """REFUGE's pipeline (mmseg 1.x refuge.py at a smaller scale), run by the reference above with np.random seeded
+    and by ours with a RandomState of the same seed: the same draws, so the same rescale, window and flip (mask:
+    exactly) and the same colours (image: within the resize's one grey level, carried through the distortion)."""
     scale, crop = (160, 150), 64
-    reference = mmseg_pipeline(mmseg, [RandomResize(scale=scale, ratio_range=(0.5, 2.0), keep_ratio=True),
-                                       RandomCrop(crop_size=(crop, crop), cat_max_ratio=0.75),
-                                       RandomFlip(prob=0.5), PhotoMetricDistortion()])
     ours = seg_data.TrainTransform(crop, scale, (0.5, 2.0), keep_ratio=True, cat_max_ratio=0.75, photometric=True)
     yy, xx = np.mgrid[:140, :150]
     r2 = (yy - 70) ** 2 + (xx - 80) ** 2
@@ -516,28 +560,26 @@ def test_refuge_training_pipeline_draws_and_crops_as_mmseg(mmseg):
     worst, redrawn = 0, 0
     for seed in range(24):
         np.random.seed(seed)
-        out = reference(dict(img=image[..., ::-1].copy(), gt_seg_map=mask.copy(), seg_fields=["gt_seg_map"],
-                             img_shape=image.shape[:2], ori_shape=image.shape[:2]))
+        bgr, seg = reference_pipeline(image[..., ::-1].copy(), mask.copy(), scale, crop, 0.75)
         x, y = ours(Image.fromarray(image), mask, rng=np.random.RandomState(seed))
-        h, w = out["gt_seg_map"].shape
-        assert np.array_equal(y[:h, :w].numpy(), out["gt_seg_map"]) and (y[h:] == IGNORE_INDEX).all() \
+        h, w = seg.shape
+        assert np.array_equal(y[:h, :w].numpy(), seg) and (y[h:] == IGNORE_INDEX).all() \
             and (y[:, w:] == IGNORE_INDEX).all(), seed
         std, mean = torch.tensor(IMAGENET_STD)[:, None, None], torch.tensor(IMAGENET_MEAN)[:, None, None]
         rgb = ((x[:, :h, :w] * std + mean) * 255).round().permute(1, 2, 0).numpy().astype(int)
-        worst = max(worst, np.abs(rgb - out["img"][..., ::-1]).max())
-        ids, counts = np.unique(out["gt_seg_map"], return_counts=True)
+        worst = max(worst, np.abs(rgb - bgr[..., ::-1]).max())
+        ids, counts = np.unique(seg, return_counts=True)
         redrawn += len(ids) > 1 and counts.max() / counts.sum() < 0.75
     assert worst <= 2, worst  # 0 on the CPUs we ran it on; cv2 rounds the last pixels of some rows otherwise
     assert redrawn >= 20  # cat_max_ratio found windows holding two classes or more, none dominant
 
-def test_photometric_distortion_is_mmsegs(mmseg):
+def test_photometric_distortion_is_mmsegs():
     """The same draws in the same order, the same uint8 truncations, cv2's colour conversions: equal to mmseg's
-    PhotoMetricDistortion (on rows whose width is a multiple of 64 pixels, see above)."""
-    from mmseg.datasets.transforms import PhotoMetricDistortion
-    reference, image = PhotoMetricDistortion(), np.random.RandomState(0).randint(0, 256, (48, 128, 3)).astype(np.uint8)
+    PhotoMetricDistortion (the reference above; rows whose width is a multiple of 64 pixels, see above)."""
+    image = np.random.RandomState(0).randint(0, 256, (48, 128, 3)).astype(np.uint8)
     for seed in range(40):
         np.random.seed(seed)
-        expected = reference(dict(img=image[..., ::-1].copy()))["img"][..., ::-1]
+        expected = reference_photometric(image[..., ::-1].copy())[..., ::-1]
         assert np.array_equal(seg_data.photometric_distortion(image.copy(), np.random.RandomState(seed)), expected)
 
 def test_cat_max_ratio_redraws_windows_where_one_class_dominates():
@@ -561,7 +603,7 @@ def test_cat_max_ratio_redraws_windows_where_one_class_dominates():
     assert (box[1], box[0]) == draws[-1]
 
 def test_fpn_head_is_mmsegs_semantic_fpn_derived_by_hand():
-    """Segmenter('fpn') = mmseg's EncoderDecoder of fpn_r50.py with a BN neck, written out here from mmseg's
+    """Segmenter('fpn') = mmseg's EncoderDecoder of fpn_r50.py with a BN neck, written out here after mmseg's
     definitions with functional ops on the state dict's mmseg names: the FPN neck (1x1 lateral conv + BN, nearest
     top-down to the next level's size, 3x3 conv + BN), then FPNHead: level s through max(1, s - 2) conv-BN-ReLU
     stages of 128 channels, each but p2's followed by a bilinear x2, summed, Dropout2d(0.1), a 1x1 classifier;
